@@ -1,0 +1,92 @@
+"""Text side of the erasures: encoding concepts, and which token embeddings enter an edit.
+
+An encoder maps prompts to `Encoded`: the cross-attention context the UNet sees ([B, 77, n], exactly what the
+model's own pipeline feeds attn2) and each prompt's number of word tokens (without BOS/EOS). Any framework can
+provide one: `TransformersEncoder` here, ComfyUI's CLIP in nodes/comfy_adapter.py.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+CONTEXT_TOKENS = 77
+WORD_WINDOW = CONTEXT_TOKENS - 2
+
+
+class TruncationWarning(UserWarning):
+    """A concept is longer than CLIP's 75-token window; the rest was cut."""
+
+
+@dataclass
+class Encoded:
+    embeddings: torch.Tensor  # [B, 77, n] float32
+    lengths: list[int]  # word tokens per prompt (BOS at 0, last word token at index `length`)
+
+    def last_word_token(self, i: int) -> torch.Tensor:
+        """UCE 2025: the last word token (index attention_mask.sum() − 2); BOS for an empty prompt."""
+        return self.embeddings[i, self.lengths[i]: self.lengths[i] + 1]
+
+    def first_eot(self, i: int) -> torch.Tensor:
+        """TRCE: the first end-of-text token."""
+        return self.embeddings[i, self.lengths[i] + 1: self.lengths[i] + 2]
+
+    def sequence(self, i: int) -> torch.Tensor:
+        """RECE: all 77 positions."""
+        return self.embeddings[i]
+
+
+def suffix_pair(concept: Encoded, i: int, guide: Encoded, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """UCE 2023 (the start of RECE's released models): from each sentence's last word token to the end of the
+    sequence, both cut to the same length 77 − max(last indices), so position k of one aligns with k of the other."""
+    a, b = concept.lengths[i], guide.lengths[j]
+    keep = CONTEXT_TOKENS - max(a, b)
+    return concept.embeddings[i, a: a + keep], guide.embeddings[j, b: b + keep]
+
+
+Encoder = Callable[[Sequence[str]], Encoded]
+
+
+def warn_truncated(prompt: str, tokens: int, cut_text: str) -> None:
+    warnings.warn(
+        f"concept {prompt[:60]!r}... has {tokens} tokens; CLIP reads {WORD_WINDOW}, so the last "
+        f"{tokens - WORD_WINDOW} were cut: {cut_text!r}. Shorten it.",
+        TruncationWarning,
+        stacklevel=3,
+    )
+
+
+class TransformersEncoder:
+    """Encoder over transformers CLIP models, as diffusers' pipelines encode prompts.
+
+    SD1.x/SD2.x: the last hidden state (with the final layer norm) of one CLIPTextModel. SDXL: the penultimate
+    hidden states of CLIP-L and OpenCLIP-G, concatenated (2048 wide). Word counts come from the first tokenizer.
+    """
+
+    def __init__(self, tokenizers: Sequence, text_encoders: Sequence, penultimate: bool = False):
+        if len(tokenizers) != len(text_encoders):
+            raise ValueError("one tokenizer per text encoder")
+        self.tokenizers = list(tokenizers)
+        self.text_encoders = list(text_encoders)
+        self.penultimate = penultimate
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> Encoded:
+        prompts = list(prompts)
+        outputs, lengths = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            full = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+            batch = tokenizer(prompts, padding="max_length", max_length=CONTEXT_TOKENS, truncation=True,
+                              return_tensors="pt")
+            if lengths is None:
+                for prompt, ids in zip(prompts, full):
+                    if len(ids) > WORD_WINDOW:
+                        warn_truncated(prompt, len(ids), tokenizer.decode(ids[WORD_WINDOW:]))
+                lengths = [min(len(ids), WORD_WINDOW) for ids in full]
+            device = next(encoder.parameters()).device
+            result = encoder(batch.input_ids.to(device), output_hidden_states=self.penultimate)
+            hidden = result.hidden_states[-2] if self.penultimate else result[0]
+            outputs.append(hidden.float().cpu())
+        return Encoded(torch.cat(outputs, dim=-1), lengths)

@@ -1,0 +1,178 @@
+"""Nodes: erase concepts in closed form (UCE, RECE, TRCE stage 1), save an erasure, load one."""
+from __future__ import annotations
+
+import os
+import re
+
+from ..erasers import concept_edit
+from ..erasers.concept_data import coco_captions
+from ..erasers.erasure import Erasure
+from .comfy_adapter import ComfyEncoder, apply_erasure, kv_weights, model_family
+
+CATEGORY = "EraseKit"
+FOLDER = "erasers"
+
+
+def erasers_folder() -> str:
+    """Register models/erasers (keeping paths extra_model_paths.yaml added) and return its first directory."""
+    import folder_paths
+
+    if FOLDER in folder_paths.folder_names_and_paths:
+        paths = folder_paths.folder_names_and_paths[FOLDER][0]
+    else:
+        paths = [os.path.join(folder_paths.models_dir, FOLDER)]
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
+    return paths[0]
+
+
+def split_concepts(text: str) -> list[str]:
+    """One concept per line, or several on a line separated by ';' or ','."""
+    return [part.strip() for part in re.split(r"[\n;,]", text) if part.strip()]
+
+
+def _progress(total_steps: int):
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total_steps)
+    return lambda done, total: bar.update_absolute(done, total)
+
+
+class EraseConcepts:
+    DESCRIPTION = ("Erase concepts from the MODEL in closed form, in seconds: UCE, RECE (UCE plus adversarial "
+                   "re-erasure epochs) or TRCE stage 1. Edits the cross-attention keys/values of a clone; the input "
+                   "MODEL is unchanged. Outputs the edited MODEL and the erasure (to save or inspect).")
+    CATEGORY = CATEGORY
+    FUNCTION = "erase"
+    RETURN_TYPES = ("MODEL", "ERASURE")
+    RETURN_NAMES = ("model", "erasure")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint, used to encode the concepts."}),
+                "method": (list(concept_edit.METHODS), {"default": "uce"}),
+                "concepts": ("STRING", {"multiline": True, "default": "",
+                                        "tooltip": "Concepts to erase: one per line, or separated by ';' or ','."}),
+                "guide": ("STRING", {"default": "", "tooltip": "What erased concepts become (empty: the "
+                                     "unconditional prompt; 'art' for styles). One for all, or one per concept."}),
+                "preserve": ("STRING", {"multiline": True, "default": "",
+                                        "tooltip": "Concepts whose keys and values must not move."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+            },
+            "optional": {
+                "token_selection": (["last", "suffix"], {"default": "last", "tooltip": "UCE: 'last' word token "
+                                    "(2025 code) or 'suffix' from it to the end (2023 code, RECE's start)."}),
+                "technique": (["replace", "tensor"], {"default": "replace"}),
+                "lamb": ("FLOAT", {"default": 0.5, "min": 0.001, "max": 100.0, "step": 0.01}),
+                "erase_scale": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 100.0, "step": 0.01}),
+                "preserve_scale": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.01,
+                                             "tooltip": "-1: the method's default."}),
+                "expand_prompts": (["none", "object", "art"], {"default": "none"}),
+                "rece_preset": (["none", *concept_edit.RECE_PRESETS], {"default": "none"}),
+                "rece_epochs": ("INT", {"default": -1, "min": -1, "max": 20, "tooltip": "-1: the preset's."}),
+                "trce_prior_captions": ("INT", {"default": 500, "min": 10, "max": 2000,
+                                                "tooltip": "COCO captions for TRCE's prior-preservation term."}),
+            },
+        }
+
+    def erase(self, model, clip, method, concepts, guide, preserve, strength, token_selection="last",
+              technique="replace", lamb=0.5, erase_scale=1.0, preserve_scale=-1.0, expand_prompts="none",
+              rece_preset="none", rece_epochs=-1, trce_prior_captions=500):
+        opts = concept_edit.EraseOptions(
+            method=method,
+            concepts=split_concepts(concepts),
+            guide=[g.strip() for g in guide.split(";")] if guide.strip() else [],
+            preserve=split_concepts(preserve),
+            lam=lamb,
+            erase_scale=erase_scale,
+            preserve_scale=None if preserve_scale < 0 else preserve_scale,
+            technique=technique,
+            tokens=token_selection,
+            expand=None if expand_prompts == "none" else expand_prompts,
+            preset=None if rece_preset == "none" else rece_preset,
+            epochs=None if rece_epochs < 0 else rece_epochs,
+        )
+        opts.validate()
+        encoder = ComfyEncoder(clip)
+        prior = concept_edit.caption_prior(encoder, coco_captions(trce_prior_captions)) if method == "trce" else None
+        progress = _progress(opts.epochs or concept_edit.RECE_PRESETS.get(opts.preset or "", {}).get("epochs", 1))
+        erasure = concept_edit.erase(kv_weights(model), encoder, model_family(model), opts,
+                                     progress=progress if method == "rece" else None, prior=prior)
+        return (apply_erasure(model, erasure, strength), erasure)
+
+
+class SaveErasure:
+    DESCRIPTION = "Save an erasure to models/erasers as .safetensors (factors plus metadata), to reuse or share."
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"erasure": ("ERASURE",), "filename_prefix": ("STRING", {"default": "erasekit/erasure"})}}
+
+    def save(self, erasure: Erasure, filename_prefix: str):
+        root = erasers_folder()
+        prefix = os.path.normpath(filename_prefix)
+        if os.path.isabs(prefix) or prefix.startswith(".."):
+            raise ValueError(f"filename_prefix {filename_prefix!r} must stay inside models/{FOLDER}")
+        counter = 1
+        while os.path.exists(path := os.path.join(root, f"{prefix}_{counter:05}.safetensors")):
+            counter += 1
+        erasure.save(path)
+        name = os.path.relpath(path, root)
+        return {"ui": {"text": [f"saved {name}: {erasure.method} erasing {', '.join(erasure.concepts)}"]}}
+
+
+class LoadErasure:
+    DESCRIPTION = "Apply a saved erasure (from models/erasers) to a clone of the MODEL, at a strength."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "ERASURE")
+    RETURN_NAMES = ("model", "erasure")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import folder_paths
+
+        erasers_folder()
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "erasure_name": (folder_paths.get_filename_list(FOLDER),),
+                "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, erasure_name, **_):
+        import folder_paths
+
+        erasers_folder()
+        path = folder_paths.get_full_path(FOLDER, erasure_name)
+        return os.path.getmtime(path) if path else ""
+
+    def load(self, model, erasure_name, strength):
+        import folder_paths
+
+        erasers_folder()
+        path = folder_paths.get_full_path(FOLDER, erasure_name)
+        if path is None:
+            raise FileNotFoundError(f"no erasure {erasure_name!r} in models/{FOLDER}")
+        erasure = Erasure.load(path)
+        return (apply_erasure(model, erasure, strength), erasure)
+
+
+NODE_CLASS_MAPPINGS = {
+    "EraseKitEraseConcepts": EraseConcepts,
+    "EraseKitSaveErasure": SaveErasure,
+    "EraseKitLoadErasure": LoadErasure,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "EraseKitEraseConcepts": "Erase Concepts, closed form (EraseKit)",
+    "EraseKitSaveErasure": "Save Erasure (EraseKit)",
+    "EraseKitLoadErasure": "Load Erasure (EraseKit)",
+}

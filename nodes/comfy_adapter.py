@@ -1,0 +1,109 @@
+"""Erasures onto ComfyUI objects, portable across the old (2024) and newest ComfyUI.
+
+Weights are only ever changed through patches on a clone (`ModelPatcher.add_patches` with dense deltas, the one
+patch form both versions apply identically): a clone shares its weight tensors with the model it came from.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from ..erasers.erasure import Erasure
+from ..erasers.families import FamilyError, UNetLayout, family_from_context_dim
+from ..erasers.text import CONTEXT_TOKENS, WORD_WINDOW, Encoded, warn_truncated
+
+_KV = re.compile(r"^diffusion_model\.(.+\.attn2)\.(to_k|to_v)\.weight$")
+END_TOKEN = 49407  # CLIP's end-of-text id, in every SD tokenizer ComfyUI ships
+
+
+def _layout(model) -> UNetLayout:
+    return UNetLayout.from_ldm_keys(model.model.diffusion_model.state_dict().keys())
+
+
+def _original(model, key: str, current: torch.Tensor) -> torch.Tensor:
+    """The unpatched weight: while another clone is loaded its patches sit in the shared module, originals in backup."""
+    entry = model.backup.get(key)
+    if entry is None:
+        return current
+    return entry.weight if hasattr(entry, "weight") else entry  # newest ComfyUI stores (weight, inplace_update)
+
+
+def _patched(model, key: str, weight: torch.Tensor) -> torch.Tensor:
+    """`weight` with this clone's own patches applied, computed by ComfyUI itself (old: method; new: comfy.lora)."""
+    patches = model.patches.get(key)
+    if not patches:
+        return weight
+    weight = weight.clone().float()
+    if hasattr(model, "calculate_weight"):
+        return model.calculate_weight(patches, weight, key)
+    import comfy.lora
+
+    return comfy.lora.calculate_weight(patches, weight, key)
+
+
+def kv_weights(model) -> dict[str, torch.Tensor]:
+    """This MODEL's effective attn2 to_k/to_v weights (its own patches included) by diffusers module path."""
+    layout = _layout(model)
+    state = model.model.state_dict()
+    out = {}
+    for key, tensor in state.items():
+        match = _KV.match(key)
+        if match:
+            weight = _patched(model, key, _original(model, key, tensor).detach())
+            out[f"{layout.to_diffusers(match.group(1))}.{match.group(2)}"] = weight.float().cpu()
+    if not out:
+        raise FamilyError("this MODEL has no cross-attention (attn2.to_k/to_v) layers: closed-form erasure needs a "
+                          "text-conditioned Stable Diffusion UNet (SD1.x, SD2.x or SDXL)")
+    return out
+
+
+def model_family(model) -> str:
+    widths = {w.shape[1] for w in kv_weights(model).values()}
+    if len(widths) != 1:
+        raise FamilyError(f"cross-attention layers of several context widths {sorted(widths)}")
+    return family_from_context_dim(widths.pop()).name
+
+
+def apply_erasure(model, erasure: Erasure, strength: float = 1.0):
+    """A clone of `model` with the erasure's deltas patched in at `strength`; `model` itself is untouched."""
+    weights = kv_weights(model)
+    family = family_from_context_dim(next(iter(weights.values())).shape[1]).name
+    erasure.check_base(family, {f"unet.{k}": v for k, v in weights.items()})
+    layout = _layout(model)
+    patches = {}
+    for name, delta in erasure.layers.items():
+        if not name.startswith("unet."):
+            raise ValueError(f"erasure layer {name!r} is not a UNet layer")
+        path = name[len("unet."):]
+        block, proj = path.rsplit(".", 1)
+        patches[f"diffusion_model.{layout.to_ldm(block)}.{proj}.weight"] = (delta.materialize(torch.float32),)
+    clone = model.clone()
+    accepted = set(clone.add_patches(patches, strength))
+    missing = sorted(set(patches) - accepted)
+    if missing:
+        raise FamilyError(f"the MODEL has no weight {missing[0]} that this erasure edits ({len(missing)} missing): "
+                          "the erasure was made for another model architecture")
+    return clone
+
+
+class ComfyEncoder:
+    """Encode prompts with a ComfyUI CLIP exactly as CLIPTextEncode does (its layer setting and patches included)."""
+
+    def __init__(self, clip):
+        self.clip = clip
+
+    def __call__(self, prompts) -> Encoded:
+        embeddings, lengths = [], []
+        for prompt in prompts:
+            tokens = self.clip.tokenize(prompt)
+            ids = [t[0] for t in next(iter(tokens.values()))[0]]
+            words = ids.index(END_TOKEN) - 1 if END_TOKEN in ids else WORD_WINDOW
+            chunks = next(iter(tokens.values()))
+            if len(chunks) > 1:
+                extra = sum(1 for chunk in chunks[1:] for t in chunk if t[0] not in (END_TOKEN, 49406, 0))
+                warn_truncated(prompt, WORD_WINDOW + extra, "the text after the first 75 tokens")
+            cond = self.clip.encode_from_tokens(tokens)
+            embeddings.append(cond[0, :CONTEXT_TOKENS].float().cpu())
+            lengths.append(words)
+        return Encoded(torch.stack(embeddings), lengths)
