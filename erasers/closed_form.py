@@ -49,7 +49,7 @@ class Pairs:
 
 def solve_shared(keys: torch.Tensor, lam: float, erase_scale: float, preserve: torch.Tensor | None = None,
                  preserve_scale: float = 0.0, prior: torch.Tensor | None = None) -> torch.Tensor:
-    """S = η_e C M⁻¹ with M = λI + η_e CᵀC + η_p PᵀP + Π, in float64; returned as float32 (m×n)."""
+    """S = η_e C M⁻¹ with M = λI + η_e CᵀC + η_p PᵀP + Π (m×n), in float64."""
     c = keys.double()
     n = c.shape[1]
     parts = [erase_scale ** 0.5 * c]
@@ -60,11 +60,11 @@ def solve_shared(keys: torch.Tensor, lam: float, erase_scale: float, preserve: t
         # Woodbury: M⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U) / λ, a k×k solve instead of n×n.
         inner = lam * torch.eye(u.shape[0], dtype=torch.float64) + u @ u.T
         solved = c - torch.linalg.solve(inner, u @ c.T).T @ u
-        return (erase_scale / lam * solved).float()
+        return erase_scale / lam * solved
     m = lam * torch.eye(n, dtype=torch.float64) + u.T @ u
     if prior is not None:
         m = m + prior.double()
-    return (erase_scale * torch.linalg.solve(m, c.T).T).float()
+    return erase_scale * torch.linalg.solve(m, c.T).T
 
 
 def tensor_targets(projected_keys: torch.Tensor, projected_guides: torch.Tensor, blocks: Sequence[int]) -> torch.Tensor:
@@ -84,7 +84,9 @@ class KVEdit:
     """Cross-attention K/V weights of one context width and an accumulated low-rank edit ΔWₗ = Aₗ S.
 
     Every step of UCE/RECE/TRCE adds columns to each Aₗ and rows to the shared S; nothing dense is formed until
-    `layers()` decides per layer whether factors or a dense matrix are smaller.
+    `layers()` decides per layer whether factors or a dense matrix are smaller. The factors are kept in float64
+    (they are thin) and products with the weights run in float32: RECE's ridge systems are ill-conditioned
+    (λ ≪ ‖c‖²), and rounding the factors would show in the edit.
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor]):
@@ -93,8 +95,8 @@ class KVEdit:
             raise ValueError(f"KVEdit takes layers of one context width, got {sorted(widths)}")
         self.base = {name: w.detach().float() for name, w in base.items()}
         self.width = widths.pop()
-        self.ups: dict[str, torch.Tensor] = {name: w.new_zeros(w.shape[0], 0) for name, w in self.base.items()}
-        self.down = torch.zeros(0, self.width)
+        self.ups: dict[str, torch.Tensor] = {name: w.new_zeros(w.shape[0], 0, dtype=torch.float64) for name, w in self.base.items()}
+        self.down = torch.zeros(0, self.width, dtype=torch.float64)
         self._gram: torch.Tensor | None = None
 
     @property
@@ -103,7 +105,8 @@ class KVEdit:
 
     def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """W′ xᵀ for the current (edited) weight: x is m×n, the result d×m."""
-        return self.base[name] @ x.T + self.ups[name] @ (self.down @ x.T)
+        x = x.double()
+        return (self.base[name] @ x.T.float()).double() + self.ups[name] @ (self.down @ x.T)
 
     def add(self, ups: Mapping[str, torch.Tensor], down: torch.Tensor) -> None:
         for name, up in ups.items():
@@ -114,7 +117,6 @@ class KVEdit:
               preserve_scale: float = 0.0, prior: torch.Tensor | None = None, technique: str = "replace") -> None:
         """One closed-form edit on the current weights: map each erased key to its guide's value."""
         keys, guides = pairs.stacked()
-        keys, guides = keys.float(), guides.float()
         shared = solve_shared(keys, lam, erase_scale, preserve, preserve_scale, prior)
         blocks = [k.shape[0] for k in pairs.keys]
         ups = {}
@@ -129,36 +131,38 @@ class KVEdit:
         self.add(ups, shared)
 
     def gram(self) -> torch.Tensor:
-        """Σₗ WₗᵀWₗ over the base weights (n×n), computed once in float64."""
+        """Σₗ WₗᵀWₗ over the base weights (n×n), computed once (float32 products, float64 sum)."""
         if self._gram is None:
-            self._gram = sum(w.double().T @ w.double() for w in self.base.values())
+            self._gram = sum((w.T @ w).double() for w in self.base.values())
         return self._gram
 
-    def adversarial_embeddings(self, concept: torch.Tensor, reg: float, variant: str = "regzero",
-                               old_target: torch.Tensor | None = None) -> torch.Tensor:
-        """RECE step A: embeddings c′ with W′c′ ≈ W c for all K/V layers at once (rows of `concept`, T×n).
+    def adversarial_embeddings(self, concepts: torch.Tensor, reg: float, variant: str = "regzero",
+                               old_targets: torch.Tensor | None = None) -> torch.Tensor:
+        """RECE step A: embeddings c′ with W′c′ ≈ W c for all K/V layers at once (rows of `concepts`).
 
         regzero:   c′ = (ΣW′ᵀW′ + λ_r I)⁻¹ ΣW′ᵀW c
-        standard:  c′ = (ΣW′ᵀW′ + λ_r I)⁻¹ (ΣW′ᵀW c + λ_r c_o)            (c_o: `old_target` rows)
+        standard:  c′ = (ΣW′ᵀW′ + λ_r I)⁻¹ (ΣW′ᵀW c + λ_r c_o)            (c_o: rows of `old_targets`)
         surrogate-1st/-2nd/-both: the official surrogate-regularised forms (see closed_form_reference).
-        Uses Σ W′ᵀW′ = G + P S + SᵀPᵀ + SᵀQS and Σ W′ᵀW = G + SᵀPᵀ with P = Σ WᵀA, Q = Σ AᵀA, so no layer is
-        materialised.
+        With G = ΣWᵀW, P = ΣWᵀA, Q = ΣAᵀA: ΣW′ᵀW = G + SᵀPᵀ and ΣW′ᵀW′ = ΣW′ᵀW + E with E = PS + SᵀQS, so
+        regzero is c′ = c − (ΣW′ᵀW′ + λ_r I)⁻¹ (E + λ_r I) c. Solving for the correction keeps float32 rounding
+        in G from swamping a small edit, and no layer is ever materialised.
         """
         g = self.gram()
         s = self.down.double()
-        p = sum(self.base[n].double().T @ self.ups[n].double() for n in self.base)
-        q = sum(self.ups[n].double().T @ self.ups[n].double() for n in self.base)
-        edited_edited = g + p @ s + s.T @ p.T + s.T @ q @ s  # Σ W′ᵀW′
+        p = sum((self.base[n].T @ self.ups[n].float()).double() for n in self.base)
+        q = sum(self.ups[n].T @ self.ups[n] for n in self.base)
+        e = p @ s + s.T @ q @ s
         edited_base = g + s.T @ p.T  # Σ W′ᵀW
+        edited_edited = edited_base + e  # Σ W′ᵀW′
         eye = torch.eye(self.width, dtype=torch.float64)
-        c = concept.double()
+        c = concepts.double().T
         if variant in ("regzero", "standard"):
-            rhs = edited_base @ c.T
+            correction = (e + reg * eye) @ c
             if variant == "standard":
-                if old_target is None:
+                if old_targets is None:
                     raise ValueError("RECE's standard regularisation needs the old target concept's embedding")
-                rhs = rhs + reg * old_target.double().T
-            return torch.linalg.solve(edited_edited + reg * eye, rhs).T.float()
+                correction = correction - reg * old_targets.double().T
+            return (c - torch.linalg.solve(edited_edited + reg * eye, correction)).T
         forms = {
             "surrogate-1st": ((1 + reg) * edited_edited, edited_base + reg * edited_edited),
             "surrogate-2nd": (reg * eye + edited_edited, reg * eye + edited_base),
@@ -167,16 +171,12 @@ class KVEdit:
         if variant not in forms:
             raise ValueError(f"unknown RECE embedding variant {variant!r}: use regzero, standard or {', '.join(forms)}")
         lhs, right = forms[variant]
-        return torch.linalg.solve(lhs, right @ c.T).T.float()
+        return torch.linalg.solve(lhs, right @ c).T
 
     def layers(self, prefix: str = "unet.") -> dict[str, LayerDelta]:
         """Per-layer deltas; layers kept as factors share one `down` tensor (stored once in a file)."""
-        shared = self.down.contiguous()
-        out = {}
-        for name, up in self.ups.items():
-            delta = compact(up.contiguous(), shared)
-            out[prefix + name] = delta
-        return out
+        shared = self.down.float().contiguous()
+        return {prefix + name: compact(up.float().contiguous(), shared) for name, up in self.ups.items()}
 
 
 def group_by_width(weights: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
@@ -205,10 +205,12 @@ def rece(edit: KVEdit, concepts: Sequence[torch.Tensor], guides: Sequence[torch.
     if reg <= 0:
         raise ValueError(f"RECE's regularisation λ_r must be > 0, got {reg}")
     for epoch in range(epochs):
+        # One solve for every concept's 77 rows: the matrices depend only on the current weights.
+        stacked_old = torch.cat(list(old_targets)) if old_targets is not None else None
+        adversarial = edit.adversarial_embeddings(torch.cat(list(concepts)), reg, variant, stacked_old)
         pairs = Pairs()
-        for i, (concept, guide) in enumerate(zip(concepts, guides)):
-            old = old_targets[i] if old_targets is not None else None
-            pairs.add(edit.adversarial_embeddings(concept, reg, variant, old), guide)
+        for block, guide in zip(adversarial.split([len(c) for c in concepts]), guides):
+            pairs.add(block, guide)
         edit.erase(pairs, lam=lam, erase_scale=erase_scale, preserve=retain, preserve_scale=preserve_scale,
                    technique=technique)
         if progress is not None:

@@ -82,9 +82,9 @@ SD_VAE_CONFIG = {
 
 
 class TinySD15(NamedTuple):
-    unet: "torch.nn.Module"  # diffusers UNet2DConditionModel
-    text_encoder: "torch.nn.Module"  # transformers CLIPTextModel
-    vae: "torch.nn.Module"  # diffusers AutoencoderKL
+    unet: torch.nn.Module  # diffusers UNet2DConditionModel
+    text_encoder: torch.nn.Module  # transformers CLIPTextModel
+    vae: torch.nn.Module  # diffusers AutoencoderKL
 
 
 def build_tiny_sd15_models(seed: int = 0) -> TinySD15:
@@ -121,7 +121,8 @@ def build_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = 0, dtype: to
 
 
 def unet_cross_attention_shapes(config: dict) -> dict[str, tuple[int, int]]:
-    """``{diffusers attn2 path: (inner_dim, context_dim)}`` of a UNet2DConditionModel config, in model order.
+    """``{diffusers attn2 path: (inner_dim, context_dim)}`` of a UNet2DConditionModel config, in the order the UNet
+    runs them (down, mid, up).
 
     Follows diffusers' block structure: each cross-attention level has one attention per res-block going down and
     one more going up, and the mid block has as many transformer blocks as the deepest level.

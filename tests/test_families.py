@@ -80,7 +80,7 @@ def test_report_for_sdxl_and_for_a_model_without_cross_attention():
     assert report.family.name == "sdxl" and not report.problems
     text = report.text()
     assert "cross-attention layers: 70" in text
-    assert "20 x to_k/to_v 640x2048" in text and "50 x to_k/to_v 1280x2048" in text
+    assert "10 x to_k/to_v 640x2048" in text and "60 x to_k/to_v 1280x2048" in text  # 2x2+3x2; 20+10+30
     empty = describe_model({"down_blocks.0.resnets.0.conv1.weight": (320, 4, 3, 3)})
     assert empty.family is None and empty.applicable() == []
     assert "no cross-attention" in empty.problems[0]

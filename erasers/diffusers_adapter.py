@@ -1,0 +1,58 @@
+"""Erasures on diffusers pipelines: attach merges the deltas into the UNet's weights, detach restores the exact
+original tensors (kept aside at the first attach), so outputs after detach are bit-identical to before."""
+from __future__ import annotations
+
+import torch
+
+from .erasure import Erasure
+from .families import FamilyError, family_from_context_dim
+
+_ORIGINALS = "_erasekit_originals"
+
+
+def _unet(pipe_or_unet) -> torch.nn.Module:
+    return getattr(pipe_or_unet, "unet", pipe_or_unet)
+
+
+def unet_kv_weights(pipe_or_unet) -> dict[str, torch.Tensor]:
+    """attn2 to_k/to_v weights by diffusers module path (as they are now, attached erasures included)."""
+    unet = _unet(pipe_or_unet)
+    out = {name: module.weight for name, module in unet.named_modules()
+           if name.endswith(("attn2.to_k", "attn2.to_v")) and hasattr(module, "weight")}
+    if not out:
+        raise FamilyError("this UNet has no cross-attention (attn2.to_k/to_v) layers")
+    return out
+
+
+def unet_family(pipe_or_unet) -> str:
+    widths = {w.shape[1] for w in unet_kv_weights(pipe_or_unet).values()}
+    if len(widths) != 1:
+        raise FamilyError(f"cross-attention layers of several context widths {sorted(widths)}")
+    return family_from_context_dim(widths.pop()).name
+
+
+@torch.no_grad()
+def attach(pipe_or_unet, erasure: Erasure, strength: float = 1.0) -> None:
+    """Add `strength` × the erasure's deltas to the UNet weights; several attaches stack."""
+    unet = _unet(pipe_or_unet)
+    originals: dict[str, torch.Tensor] = getattr(unet, _ORIGINALS, {})
+    current = unet_kv_weights(unet)
+    base = {f"unet.{n}": originals.get(n, w) for n, w in current.items()}
+    erasure.check_base(unet_family(unet), base)
+    for name, delta in erasure.layers.items():
+        path = name.removeprefix("unet.")
+        weight = unet.get_submodule(path).weight
+        originals.setdefault(path, weight.detach().clone())
+        update = delta.materialize(torch.float32, weight.device)
+        weight.copy_((weight.float() + strength * update).to(weight.dtype))
+    setattr(unet, _ORIGINALS, originals)
+
+
+@torch.no_grad()
+def detach(pipe_or_unet) -> None:
+    """Restore every weight an attach changed to its exact original."""
+    unet = _unet(pipe_or_unet)
+    for path, original in getattr(unet, _ORIGINALS, {}).items():
+        unet.get_submodule(path).weight.copy_(original)
+    if hasattr(unet, _ORIGINALS):
+        delattr(unet, _ORIGINALS)
