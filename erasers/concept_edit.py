@@ -129,7 +129,8 @@ def _uce_preserve(opts: EraseOptions, encode: Encoder) -> tuple[torch.Tensor | N
 def erase(kv_weights: Mapping[str, torch.Tensor], encode: Encoder, family: str, opts: EraseOptions,
           progress: Callable[[int, int], None] | None = None,
           prior: torch.Tensor | None = None) -> Erasure:
-    """Compute an erasure. `kv_weights`: every attn2 to_k/to_v weight by diffusers module path (``....attn2.to_k``).
+    """Compute an erasure. `kv_weights`: every attn2 to_k/to_v weight by diffusers parameter name
+    (``....attn2.to_k.weight``).
 
     TRCE needs `prior` (see `caption_prior`).
     """

@@ -15,10 +15,9 @@ def _unet(pipe_or_unet) -> torch.nn.Module:
 
 
 def unet_kv_weights(pipe_or_unet) -> dict[str, torch.Tensor]:
-    """attn2 to_k/to_v weights by diffusers module path (as they are now, attached erasures included)."""
+    """attn2 to_k/to_v weights by parameter name (as they are now, attached erasures included)."""
     unet = _unet(pipe_or_unet)
-    out = {name: module.weight for name, module in unet.named_modules()
-           if name.endswith(("attn2.to_k", "attn2.to_v")) and hasattr(module, "weight")}
+    out = {name: p for name, p in unet.named_parameters() if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
     if not out:
         raise FamilyError("this UNet has no cross-attention (attn2.to_k/to_v) layers")
     return out
@@ -41,7 +40,7 @@ def attach(pipe_or_unet, erasure: Erasure, strength: float = 1.0) -> None:
     erasure.check_base(unet_family(unet), base)
     for name, delta in erasure.layers.items():
         path = name.removeprefix("unet.")
-        weight = unet.get_submodule(path).weight
+        weight = unet.get_parameter(path)
         originals.setdefault(path, weight.detach().clone())
         update = delta.materialize(torch.float32, weight.device)
         weight.copy_((weight.float() + strength * update).to(weight.dtype))
@@ -53,6 +52,6 @@ def detach(pipe_or_unet) -> None:
     """Restore every weight an attach changed to its exact original."""
     unet = _unet(pipe_or_unet)
     for path, original in getattr(unet, _ORIGINALS, {}).items():
-        unet.get_submodule(path).weight.copy_(original)
+        unet.get_parameter(path).copy_(original)
     if hasattr(unet, _ORIGINALS):
         delattr(unet, _ORIGINALS)

@@ -2,8 +2,8 @@
 
 A delta is ΔW = up @ down (rank r) or, where that is smaller, dense. Closed-form edits share one `down` across all
 layers of a context width (the solve is shared), so several layers may hold the same `down` tensor; the file stores
-it once. Layer names are diffusers module paths prefixed by the model part (``unet.``), e.g.
-``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``.
+it once. Layers are named by diffusers parameter names prefixed by the model part (``unet.``), e.g.
+``unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight``; a bias delta is a dense vector.
 
 File format (.safetensors, format version 1):
 - tensors ``<layer>.up`` (out×r) with ``groups.<g>.down`` (r×in), or ``<layer>.diff`` (out×in) for dense deltas;

@@ -13,7 +13,7 @@ from ..erasers.erasure import Erasure
 from ..erasers.families import FamilyError, UNetLayout, family_from_context_dim
 from ..erasers.text import CONTEXT_TOKENS, WORD_WINDOW, Encoded, warn_truncated
 
-_KV = re.compile(r"^diffusion_model\.(.+\.attn2)\.(to_k|to_v)\.weight$")
+_KV = re.compile(r"^diffusion_model\.(.+\.attn2\.to_[kv]\.weight)$")
 END_TOKEN = 49407  # CLIP's end-of-text id, in every SD tokenizer ComfyUI ships
 
 
@@ -43,7 +43,7 @@ def _patched(model, key: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 def kv_weights(model) -> dict[str, torch.Tensor]:
-    """This MODEL's effective attn2 to_k/to_v weights (its own patches included) by diffusers module path."""
+    """This MODEL's effective attn2 to_k/to_v weights (its own patches included) by diffusers parameter name."""
     layout = _layout(model)
     state = model.model.state_dict()
     out = {}
@@ -51,7 +51,7 @@ def kv_weights(model) -> dict[str, torch.Tensor]:
         match = _KV.match(key)
         if match:
             weight = _patched(model, key, _original(model, key, tensor).detach())
-            out[f"{layout.to_diffusers(match.group(1))}.{match.group(2)}"] = weight.float().cpu()
+            out[layout.to_diffusers(match.group(1))] = weight.float().cpu()
     if not out:
         raise FamilyError("this MODEL has no cross-attention (attn2.to_k/to_v) layers: closed-form erasure needs a "
                           "text-conditioned Stable Diffusion UNet (SD1.x, SD2.x or SDXL)")
@@ -75,9 +75,7 @@ def apply_erasure(model, erasure: Erasure, strength: float = 1.0):
     for name, delta in erasure.layers.items():
         if not name.startswith("unet."):
             raise ValueError(f"erasure layer {name!r} is not a UNet layer")
-        path = name[len("unet."):]
-        block, proj = path.rsplit(".", 1)
-        patches[f"diffusion_model.{layout.to_ldm(block)}.{proj}.weight"] = (delta.materialize(torch.float32),)
+        patches["diffusion_model." + layout.to_ldm(name[len("unet."):])] = (delta.materialize(torch.float32),)
     clone = model.clone()
     accepted = set(clone.add_patches(patches, strength))
     missing = sorted(set(patches) - accepted)

@@ -81,14 +81,14 @@ def test_effective_weights_follow_the_loaded_clone(comfy, loaded):
     key = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     module = model.model
     original = module.state_dict()[key].clone()
-    delta = erasure.layers["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"].materialize()
+    delta = erasure.layers["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].materialize()
     with torch.inference_mode():
         mm.load_models_gpu([edited])
         assert torch.allclose(module.state_dict()[key].float(), original.float() + delta, atol=1e-5)
         # While the edited clone is loaded, the original's weights read back as unpatched.
         from erasekit.nodes.comfy_adapter import kv_weights
 
-        assert torch.equal(kv_weights(model)["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"], original.float())
+        assert torch.equal(kv_weights(model)["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"], original.float())
         mm.load_models_gpu([model])
         assert torch.equal(module.state_dict()[key], original)
     mm.unload_all_models()
