@@ -119,3 +119,13 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['dense_kv_bytes'] / 1e6:>8.1f}MB {r['dense_kv_bytes'] / r['file_bytes']:>6.0f}x"
         )
     return "\n".join(lines)
+
+
+def run_closed_form(families=("sd15", "sdxl"), counts=(1, 10, 50), repeats: int = 3) -> str:
+    """Measure and format; prints each family as soon as it is done (SDXL's per-layer reference takes minutes)."""
+    blocks = []
+    for family in families:
+        block = format_rows(closed_form_rows(family, counts, repeats))
+        print(block, flush=True)
+        blocks.append(block)
+    return "\n".join(blocks)

@@ -98,3 +98,51 @@ def test_a_pack_import_failure_fails_the_start(tmp_path):
     with pytest.raises(ComfyError, match="broken on purpose"):
         server.start()
     server.stop()
+
+
+def _erased_prompt(ckpt_name: str, untouched: bool, erased: bool, fresh: int = 0) -> dict:
+    """One checkpoint loader feeding an untouched branch and/or a branch through the erase node (same seed).
+
+    `fresh` shifts the branch node ids so that ComfyUI's cache cannot answer them: they execute again.
+    """
+    prompt = {k: v for k, v in _image_prompt(ckpt_name).items() if k in ("1", "2", "3", "4")}
+    branches = []
+    if untouched:
+        branches.append((str(10 + fresh), ["1", 0]))
+    if erased:
+        prompt[str(20 + fresh)] = {"class_type": "EraseKitEraseConcepts", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "method": "uce", "concepts": "red circle", "guide": "",
+            "preserve": "", "strength": 1.0}}
+        branches.append((str(30 + fresh), [str(20 + fresh), 0]))
+    for node, model in branches:
+        prompt[node] = {"class_type": "KSampler", "inputs": {
+            "model": model, "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 7,
+            "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+        prompt[str(int(node) + 1)] = {"class_type": "VAEDecode", "inputs": {"samples": [node, 0], "vae": ["1", 2]}}
+        prompt[str(int(node) + 2)] = {"class_type": "SaveImage", "inputs": {
+            "images": [str(int(node) + 1), 0], "filename_prefix": f"branch{node}"}}
+    return prompt
+
+
+def _pixels(client, entry) -> dict[str, bytes]:
+    """Decoded pixels per SaveImage node (PNG bytes differ by the embedded prompt, pixels must not)."""
+    out = {}
+    for node, result in entry["outputs"].items():
+        (png,) = client.images({"outputs": {node: result}})
+        out[node] = Image.open(io.BytesIO(png)).tobytes()
+    return out
+
+
+@pytest.mark.slow
+def test_erased_branch_leaves_the_untouched_branch_bit_identical(comfy_server, tiny_checkpoint):
+    client = comfy_server.client
+    name = tiny_checkpoint.name
+    baseline = _pixels(client, client.run(_erased_prompt(name, untouched=True, erased=False)))["12"]
+    both = _pixels(client, client.run(_erased_prompt(name, untouched=True, erased=True)))
+    assert both["12"] == baseline
+    assert both["32"] != baseline
+    # The other order: the erased model is sampled first (its patches then sit in the shared module), and the
+    # untouched graph executes after it; fresh node ids make both execute rather than come from the cache.
+    erased_first = _pixels(client, client.run(_erased_prompt(name, untouched=False, erased=True, fresh=100)))
+    assert erased_first["132"] == both["32"]
+    assert _pixels(client, client.run(_erased_prompt(name, untouched=True, erased=False, fresh=200)))["212"] == baseline
