@@ -73,3 +73,10 @@ def test_wheel_installs_and_imports_without_the_checkout(tmp_path):
     result = _run("import erasekit, sys; print(erasekit.__file__)", cwd=tmp_path, env={"PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(target))
+
+
+def test_requirements_txt_agrees_with_pyproject():
+    """ComfyUI-Manager installs requirements.txt; it must ask for what pyproject.toml asks for."""
+    deps = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert lines and set(lines) <= deps
