@@ -65,7 +65,8 @@ def main(argv: list[str]) -> int:
     python = ensure_env()
     bin_dir = python.parent
     if argv[0] == "demo":
-        cmd = [str(bin_dir / "erasekit"), "demo", *argv[1:]]
+        # Until the shapes-world demo exists, the main job is the self-check: a real ComfyUI with the pack.
+        cmd = [str(bin_dir / "erasekit"), "selfcheck", *argv[1:]]
     else:
         # The pytest script, not `python -m pytest`: -m would put the repository root on sys.path, where its
         # `nodes/` package would shadow ComfyUI's `nodes` module in the in-process tests.
