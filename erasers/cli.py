@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -46,6 +47,229 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# erase / apply
+
+
+def _error(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1024 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""  # pragma: no cover
+
+
+class _Warnings:
+    """While a command runs, print EraseKit's warnings (a cut concept, another fine-tune) as `warning: ...` lines on
+    stderr as they occur, each once; other warnings are shown as usual."""
+
+    def __enter__(self):
+        from .erasure import BaseMismatchWarning
+        from .text import TruncationWarning
+
+        self._ours = (TruncationWarning, BaseMismatchWarning)
+        self._catcher = warnings.catch_warnings()
+        self._catcher.__enter__()
+        for category in self._ours:
+            warnings.simplefilter("always", category)
+        self._show, self._seen = warnings.showwarning, set()
+        warnings.showwarning = self._print
+        return self
+
+    def _print(self, message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, self._ours):
+            return self._show(message, category, filename, lineno, file, line)
+        if str(message) not in self._seen:
+            self._seen.add(str(message))
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        self._catcher.__exit__(*exc)  # restores the filters and showwarning
+        return False
+
+
+def _device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    return device
+
+
+def _erase_options(args: argparse.Namespace):
+    from .concept_edit import EraseOptions
+
+    opts = EraseOptions(
+        method=args.method,
+        concepts=list(args.concept),
+        guide=list(args.guide or []),
+        preserve=[p for p in (args.preserve or []) if p.strip()],
+        lam=args.lam,
+        erase_scale=args.erase_scale,
+        preserve_scale=args.preserve_scale,
+        technique=args.technique,
+        tokens=args.tokens,
+        expand=args.expand,
+        preset=args.preset,
+        epochs=args.epochs,
+        reg=args.reg,
+    )
+    opts.validate()
+    if not opts.erase_scale > 0:
+        raise ValueError(f"--erase-scale must be > 0, got {opts.erase_scale}")
+    if opts.epochs is not None and opts.epochs < 0:
+        raise ValueError(f"--epochs must be >= 0, got {opts.epochs}")
+    if opts.reg is not None and not opts.reg > 0:
+        raise ValueError(f"--reg (RECE's λ_r) must be > 0, got {opts.reg}")
+    return opts
+
+
+def _erase(args: argparse.Namespace) -> int:
+    """Compute a closed-form erasure (UCE, RECE, TRCE stage 1) on a checkpoint with its own text encoder."""
+    import time
+
+    from .checkpoints import CheckpointError
+    from .erasure import FamilyMismatchError
+    from .families import FamilyError
+    from .text_encoders import TextEncoderError
+
+    started = time.perf_counter()
+    try:
+        opts = _erase_options(args)
+        out = Path(args.out)
+        if out.suffix.lower() != ".safetensors":
+            raise ValueError(f"--out {out.name}: erasures are written as .safetensors")
+        if out.exists() and Path(args.checkpoint).exists() and out.resolve() == Path(args.checkpoint).resolve():
+            raise ValueError(f"--out {out} is the input checkpoint")
+        device = _device(args.device)
+        if opts.method == "trce":
+            from .concept_data import coco_captions
+
+            captions = coco_captions(args.trce_prior_captions)
+    except ValueError as err:
+        return _error(err)
+
+    from . import concept_edit
+    from .pipeline_files import open_model
+
+    with _Warnings():
+        try:
+            model = open_model(args.checkpoint)
+            family = model.family
+            print(f"model: {args.checkpoint} ({model.kind}, {family.label})", flush=True)
+            kv = {name: w.float() for name, w in model.kv_weights().items()}
+            encoder = model.encoder(tokenizer_dir=args.tokenizer, device=device)
+            prior = None
+            if opts.method == "trce":
+                print(f"TRCE prior: encoding {len(captions)} COCO captions ...", flush=True)
+                prior = concept_edit.caption_prior(encoder, captions)
+
+            def progress(done: int, total: int) -> None:
+                print(f"RECE epoch {done}/{total}", flush=True)
+
+            erasure = concept_edit.erase(kv, encoder, family.name, opts, progress=progress, prior=prior)
+            del encoder
+            path = erasure.save(out)
+        except (CheckpointError, FamilyError, FamilyMismatchError, TextEncoderError, ValueError) as err:
+            return _error(err)
+    rank = max((delta.rank for delta in erasure.layers.values()), default=0)
+    print(f"{opts.method} erasure of {', '.join(map(repr, erasure.concepts))} for {family.label} ({family.name}): "
+          f"{len(erasure.layers)} layers edited, rank {rank}")
+    print(f"wrote {path} ({_size(path.stat().st_size)}) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    """Merge an erasure into a copy of a checkpoint (single file or diffusers folder)."""
+    import time
+
+    from .checkpoints import CheckpointError
+    from .erasure import Erasure, ErasureFileError, FamilyMismatchError
+    from .families import FamilyError
+    from .pipeline_files import open_model
+
+    started = time.perf_counter()
+    with _Warnings():
+        try:
+            erasure = Erasure.load(args.erasure)
+            model = open_model(args.checkpoint)
+            print(f"model: {args.checkpoint} ({model.kind}, {model.family.label})", flush=True)
+            print(f"erasure: {erasure.method} of {', '.join(map(repr, erasure.concepts))} for {erasure.family}, "
+                  f"{len(erasure.layers)} layers", flush=True)
+            summary = model.merge(erasure, args.out, strength=args.strength)
+        except (CheckpointError, ErasureFileError, FamilyError, FamilyMismatchError, ValueError) as err:
+            return _error(err)
+    copied = f", {summary.copied} other files copied" if summary.copied else ""
+    print(f"merged {summary.layers} layers at strength {summary.strength:g} into {args.out}: "
+          f"{len(summary.written)} weight file(s), {_size(summary.nbytes())}{copied}, "
+          f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _add_erase_parser(sub) -> None:
+    from .concept_edit import METHODS, RECE_PRESETS, TEMPLATES
+
+    erase = sub.add_parser(
+        "erase", help="compute a closed-form erasure (UCE, RECE, TRCE) on a checkpoint and save it",
+        description="Erase concepts in closed form with the checkpoint's own text encoder(s) and write the erasure "
+                    "(.safetensors) that `erasekit apply`, ComfyUI's Load Erasure node and the diffusers adapter read.",
+    )
+    erase.add_argument("--method", required=True, choices=METHODS)
+    erase.add_argument("--concept", action="append", required=True, metavar="TEXT",
+                       help="a concept to erase (repeat for several)")
+    erase.add_argument("--guide", action="append", metavar="TEXT",
+                       help="what erased concepts become: one for all or one per concept (default: the empty prompt, "
+                            "or the RECE preset's)")
+    erase.add_argument("--preserve", action="append", metavar="TEXT", help="a concept to keep unchanged (repeat)")
+    erase.add_argument("--checkpoint", required=True, metavar="PATH",
+                       help="an SD1.x/SD2.x/SDXL single-file checkpoint (.safetensors, .ckpt) or diffusers folder")
+    erase.add_argument("--out", required=True, metavar="FILE", help="the erasure to write (.safetensors)")
+    erase.add_argument("--lam", type=float, default=0.5, help="λ, the pull towards the original weights (> 0)")
+    erase.add_argument("--erase-scale", type=float, default=1.0)
+    erase.add_argument("--preserve-scale", type=float, default=None, help="default: the method's")
+    erase.add_argument("--technique", choices=("replace", "tensor"), default="replace")
+    erase.add_argument("--tokens", choices=("last", "suffix"), default="last",
+                       help="UCE's token selection: the last word token (2025) or the suffix from it (2023)")
+    erase.add_argument("--expand", choices=tuple(TEMPLATES), default=None,
+                       help="add UCE's five prompt templates per concept")
+    erase.add_argument("--preset", choices=tuple(RECE_PRESETS), default=None, help="RECE's per-kind defaults")
+    erase.add_argument("--epochs", type=int, default=None, help="RECE epochs (default: the preset's, else 1)")
+    erase.add_argument("--reg", type=float, default=None, help="RECE's λ_r (default: the preset's, else 0.1)")
+    erase.add_argument("--trce-prior-captions", type=int, default=500, metavar="N",
+                       help="COCO captions for TRCE's prior-preservation term (1-2000)")
+    erase.add_argument("--device", default="cpu", help="where the text encoder runs (cpu, cuda, cuda:1, mps)")
+    erase.add_argument("--tokenizer", default=None, metavar="DIR",
+                       help="a folder with CLIP's vocab.json and merges.txt (default: the diffusers folder's own, "
+                            "else converted from open_clip's packaged vocabulary)")
+    erase.set_defaults(run=_erase)
+
+
+def _add_apply_parser(sub) -> None:
+    apply = sub.add_parser(
+        "apply", help="merge an erasure into a copy of a checkpoint",
+        description="Write a full checkpoint in the input's layout (single file or diffusers folder) and dtypes with "
+                    "the erasure merged (W + strength·ΔW); every other tensor and the metadata are kept as they are.",
+    )
+    apply.add_argument("--erasure", required=True, metavar="FILE")
+    apply.add_argument("--checkpoint", required=True, metavar="PATH",
+                       help="a single-file checkpoint (.safetensors, .ckpt) or a diffusers pipeline folder")
+    apply.add_argument("--out", required=True, metavar="MERGED",
+                       help="the merged .safetensors file, or a new folder for a diffusers input")
+    apply.add_argument("--strength", type=float, default=1.0)
+    apply.set_defaults(run=_apply)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasekit", description="Concept erasure for text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -56,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="report a checkpoint's model family, cross-attention layers and text encoders")
     inspect.add_argument("checkpoint", help="a single-file checkpoint (.safetensors, .ckpt) in the LDM/ComfyUI layout")
     inspect.set_defaults(run=_inspect)
+
+    _add_erase_parser(sub)
+    _add_apply_parser(sub)
     return parser
 
 

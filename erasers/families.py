@@ -259,7 +259,7 @@ def describe_model(unet_shapes: Mapping[str, Sequence[int]],
     towers = tuple(text_encoders(text_encoder_shapes or {}))
     if family is not None and towers:
         names = tuple(t.name for t in towers)
-        if names != family.text_encoders or any(t.width != _TOWER_WIDTH[t.name] for t in towers):
+        if sorted(names) != sorted(family.text_encoders) or any(t.width != _TOWER_WIDTH[t.name] for t in towers):
             problems.append(
                 f"the text encoders ({', '.join(names)}) are not the ones {family.label} was trained with "
                 f"({', '.join(family.text_encoders)}): check the CLIP input comes from the same checkpoint"

@@ -94,3 +94,11 @@ def test_report_flags_a_text_encoder_from_another_family():
     assert report.family.name == "sd1"
     assert any("clip_g" in p and "clip_l" in p for p in report.problems)
     assert not any("AdvUnlearn" in kind for kind in report.applicable())
+
+
+def test_report_accepts_sdxl_text_encoders_in_any_order():
+    towers = {f"{name}.transformer.text_model.embeddings.token_embedding.weight": (49408, width)
+              for name, width in (("clip_g", 1280), ("clip_l", 768))}
+    towers |= {f"{name}.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (4, 4) for name in ("clip_g", "clip_l")}
+    report = describe_model(_shapes(sdxl_cross_attention_weights()), towers)
+    assert report.family.name == "sdxl" and not report.problems

@@ -37,7 +37,7 @@ def test_version_is_the_one_in_pyproject():
     assert erasekit.__version__ == project["version"]
 
 
-def test_every_node_is_a_complete_v1_node():
+def test_every_node_is_a_complete_v1_node(comfy):  # some INPUT_TYPES list ComfyUI's model folders
     for name, cls in erasekit.NODE_CLASS_MAPPINGS.items():
         assert name in erasekit.NODE_DISPLAY_NAME_MAPPINGS
         inputs = cls.INPUT_TYPES()
