@@ -283,7 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_erase_parser(sub)
     _add_apply_parser(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks that print ours beside a reference and the ratio")
+    bench.add_argument("suite", choices=["closed-form"], help="closed-form: UCE/RECE edits vs the per-layer dense form")
+    bench.add_argument("--family", nargs="+", choices=["sd15", "sdxl"], default=["sd15", "sdxl"])
+    bench.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 50])
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs of our code (median); references run once")
+    bench.set_defaults(run=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Print our closed-form edit times beside the per-layer dense reference, the read-once time and file sizes."""
+    from .bench import run_closed_form
+
+    print("UCE/RECE on random weights of the real K/V shapes; times are medians (references: one run); "
+          "RECE = UCE + 1 epoch.", flush=True)
+    run_closed_form(tuple(args.family), tuple(args.concepts), args.repeats)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

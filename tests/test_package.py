@@ -51,7 +51,7 @@ def test_cli_help_lists_the_subcommands():
     exe = Path(sys.executable).parent / "erasekit"
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
-    for command in ("selfcheck", "inspect"):
+    for command in ("selfcheck", "inspect", "erase", "apply", "bench"):
         assert command in result.stdout
 
 
@@ -80,3 +80,14 @@ def test_requirements_txt_agrees_with_pyproject():
     deps = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
     lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert lines and set(lines) <= deps
+
+
+@pytest.mark.slow
+def test_bench_closed_form_prints_ours_reference_and_ratio(capsys):
+    from erasekit.erasers.cli import main
+
+    assert main(["bench", "closed-form", "--family", "sd15", "--concepts", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "per-layer" in out and "read-once" in out
+    row = next(line for line in out.splitlines() if line.startswith("sd15"))
+    assert row.count("x") >= 4  # speed-ups and ratios are printed
