@@ -217,6 +217,45 @@ def _apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """Turn an official UCE / UCE-2023 / RECE / TRCE release into an EraseKit erasure against a base model."""
+    from .checkpoints import CheckpointError
+    from .families import FamilyError
+    from .official import convert
+    from .pipeline_files import open_model
+
+    with _Warnings():
+        try:
+            base = open_model(args.base)
+            print(f"base: {args.base} ({base.kind}, {base.family.label})", flush=True)
+            erasure, report = convert(args.source, base.attention_weights(), tol=args.tol, method=args.method,
+                                      concepts=args.concept, strict=args.strict)
+        except (CheckpointError, FamilyError, ValueError) as err:
+            return _error(err)
+    print(report.text())
+    erasure.save(args.out)
+    print(f"wrote {args.out} ({_size(Path(args.out).stat().st_size)})")
+    return 0
+
+
+def _add_convert_parser(sub) -> None:
+    from .official import DEFAULT_TOL, FORMATS
+
+    convert = sub.add_parser(
+        "convert", help="convert an official UCE / RECE / TRCE release into an EraseKit erasure",
+        description="Formats: " + "; ".join(FORMATS.values()) + ". The erasure is the difference against --base.")
+    convert.add_argument("source", help="the official file or folder")
+    convert.add_argument("--base", required=True, help="the model it was made from (single file or diffusers "
+                         "folder; the official releases are made from SD1.4)")
+    convert.add_argument("--out", required=True, help="the EraseKit erasure to write (.safetensors)")
+    convert.add_argument("--tol", type=float, default=DEFAULT_TOL, help="relative reconstruction error per layer")
+    convert.add_argument("--method", help="method name to record (default: from the format)")
+    convert.add_argument("--concept", action="append", help="erased concept to record (repeatable)")
+    convert.add_argument("--no-strict", dest="strict", action="store_false",
+                         help="keep differences outside the method's layers as dense deltas instead of refusing")
+    convert.set_defaults(run=_convert)
+
+
 def _add_erase_parser(sub) -> None:
     from .concept_edit import METHODS, RECE_PRESETS, TEMPLATES
 
@@ -283,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_erase_parser(sub)
     _add_apply_parser(sub)
+    _add_convert_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours beside a reference and the ratio")
     bench.add_argument("suite", choices=["closed-form"], help="closed-form: UCE/RECE edits vs the per-layer dense form")

@@ -35,8 +35,9 @@ def attach(pipe_or_unet, erasure: Erasure, strength: float = 1.0) -> None:
     """Add `strength` × the erasure's deltas to the UNet weights; several attaches stack."""
     unet = _unet(pipe_or_unet)
     originals: dict[str, torch.Tensor] = getattr(unet, _ORIGINALS, {})
-    current = unet_kv_weights(unet)
-    base = {f"unet.{n}": originals.get(n, w) for n, w in current.items()}
+    params = dict(unet.named_parameters())
+    base = {f"unet.{n}": originals.get(n, params[n]) for n in (k.removeprefix("unet.") for k in erasure.layers)
+            if n in params}
     erasure.check_base(unet_family(unet), base)
     for name, delta in erasure.layers.items():
         path = name.removeprefix("unet.")

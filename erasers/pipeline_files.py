@@ -32,6 +32,7 @@ from .erasure import Erasure, FamilyMismatchError
 from .families import Family, FamilyError, UNetLayout, describe_model, family_from_context_dim
 
 _KV_SUFFIX = re.compile(r"\.attn2\.to_[kv]\.weight$")
+_ATTENTION = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.")
 _TEXT_PREFIXES = ("cond_stage_model.", "conditioner.")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # diffusers' and transformers' weight file names (other .bin files, e.g. training_args.bin, are not weights)
@@ -178,9 +179,17 @@ class ModelFiles:
     def family(self) -> Family:
         raise NotImplementedError
 
+    def unet_weights(self, pattern: re.Pattern) -> dict[str, Tensor]:
+        """UNet parameters whose key matches `pattern`, by diffusers parameter name, in their stored dtype."""
+        raise NotImplementedError
+
     def kv_weights(self) -> dict[str, Tensor]:
         """Every attn2 to_k/to_v weight by diffusers parameter name, in its stored dtype."""
-        raise NotImplementedError
+        return self.unet_weights(_KV_SUFFIX)
+
+    def attention_weights(self) -> dict[str, Tensor]:
+        """Every attn1/attn2 parameter of the transformer blocks (what official TRCE releases change)."""
+        return self.unet_weights(_ATTENTION)
 
     def encoder(self, tokenizer_dir=None, device="cpu", cache_dir=None):
         raise NotImplementedError
@@ -257,8 +266,8 @@ class SingleFile(ModelFiles):
         except KeyError:
             raise FamilyMismatchError(f"the model has no layer {layer!r} that this erasure edits") from None
 
-    def kv_weights(self) -> dict[str, Tensor]:
-        tensors = self._read(lambda k: k.startswith(UNET_PREFIX) and bool(_KV_SUFFIX.search(k)))
+    def unet_weights(self, pattern: re.Pattern) -> dict[str, Tensor]:
+        tensors = self._read(lambda k: k.startswith(UNET_PREFIX) and bool(pattern.search(k)))
         return {self.layout.to_diffusers(k[len(UNET_PREFIX):]): v for k, v in sorted(tensors.items())}
 
     def encoder(self, tokenizer_dir=None, device="cpu", cache_dir=None):
@@ -295,7 +304,6 @@ class DiffusersFolder(ModelFiles):
     def __init__(self, path: Path):
         super().__init__(path)
         self.unet_sets = weight_sets(path / "unet")
-        self._kv: dict[str, Tensor] | None = None
         kv = self.kv_weights()
         if not kv:
             raise FamilyError(f"{path}: its UNet has no cross-attention (attn2.to_k/to_v) layers: this is not a "
@@ -309,10 +317,8 @@ class DiffusersFolder(ModelFiles):
     def family(self) -> Family:
         return self._family
 
-    def kv_weights(self) -> dict[str, Tensor]:
-        if self._kv is None:
-            self._kv = dict(sorted(read_weight_set(self.unet_sets[0], lambda k: bool(_KV_SUFFIX.search(k))).items()))
-        return dict(self._kv)
+    def unet_weights(self, pattern: re.Pattern) -> dict[str, Tensor]:
+        return dict(sorted(read_weight_set(self.unet_sets[0], lambda k: bool(pattern.search(k))).items()))
 
     def encoder(self, tokenizer_dir=None, device="cpu", cache_dir=None):
         from .text_encoders import encoder_from_diffusers

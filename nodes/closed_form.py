@@ -1,13 +1,15 @@
 """Nodes: erase concepts in closed form (UCE, RECE, TRCE stage 1), save an erasure, load one."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 
 from ..erasers import concept_edit
 from ..erasers.concept_data import coco_captions
+from ..erasers import official
 from ..erasers.erasure import Erasure
-from .comfy_adapter import ComfyEncoder, apply_erasure, kv_weights, model_family
+from .comfy_adapter import ATTENTION, ComfyEncoder, apply_erasure, kv_weights, model_family, unet_weights
 
 CATEGORY = "EraseKit"
 FOLDER = "erasers"
@@ -21,8 +23,18 @@ def erasers_folder() -> str:
         paths = folder_paths.folder_names_and_paths[FOLDER][0]
     else:
         paths = [os.path.join(folder_paths.models_dir, FOLDER)]
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
+    # Official releases too: UCE .safetensors, UCE-2023/RECE .pt, a TRCE folder's diffusion_pytorch_model file.
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors", ".pt", ".pth", ".bin", ".ckpt"})
     return paths[0]
+
+
+def load_any_erasure(path: str, model) -> Erasure:
+    """An EraseKit erasure file, or an official UCE/RECE/TRCE release converted against this MODEL's weights."""
+    if official.detect_format(path) == official.ERASEKIT:
+        return Erasure.load(path)
+    erasure, report = official.convert(path, unet_weights(model, ATTENTION))
+    logging.getLogger("erasekit").info("converted %s:\n%s", os.path.basename(path), report.text())
+    return erasure
 
 
 def split_concepts(text: str) -> list[str]:
@@ -128,7 +140,9 @@ class SaveErasure:
 
 
 class LoadErasure:
-    DESCRIPTION = "Apply a saved erasure (from models/erasers) to a clone of the MODEL, at a strength."
+    DESCRIPTION = ("Apply an erasure from models/erasers to a clone of the MODEL, at a strength: an EraseKit file, "
+                   "or an official UCE (.safetensors), UCE-2023/RECE (.pt) or TRCE (folder) release, converted "
+                   "against this MODEL's weights.")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "ERASURE")
@@ -162,7 +176,7 @@ class LoadErasure:
         path = folder_paths.get_full_path(FOLDER, erasure_name)
         if path is None:
             raise FileNotFoundError(f"no erasure {erasure_name!r} in models/{FOLDER}")
-        erasure = Erasure.load(path)
+        erasure = load_any_erasure(path, model)
         return (apply_erasure(model, erasure, strength), erasure)
 
 

@@ -14,6 +14,8 @@ from ..erasers.families import FamilyError, UNetLayout, family_from_context_dim
 from ..erasers.text import CONTEXT_TOKENS, WORD_WINDOW, Encoded, warn_truncated
 
 _KV = re.compile(r"^diffusion_model\.(.+\.attn2\.to_[kv]\.weight)$")
+# Every attention parameter inside the transformer blocks: what official TRCE releases edit besides K/V.
+ATTENTION = re.compile(r"^diffusion_model\.(.+\.attn[12]\..+)$")
 END_TOKEN = 49407  # CLIP's end-of-text id, in every SD tokenizer ComfyUI ships
 
 
@@ -42,16 +44,22 @@ def _patched(model, key: str, weight: torch.Tensor) -> torch.Tensor:
     return comfy.lora.calculate_weight(patches, weight, key)
 
 
-def kv_weights(model) -> dict[str, torch.Tensor]:
-    """This MODEL's effective attn2 to_k/to_v weights (its own patches included) by diffusers parameter name."""
+def unet_weights(model, pattern: re.Pattern = _KV) -> dict[str, torch.Tensor]:
+    """This MODEL's effective UNet weights whose LDM key matches `pattern` (its own patches included), by
+    diffusers parameter name."""
     layout = _layout(model)
-    state = model.model.state_dict()
     out = {}
-    for key, tensor in state.items():
-        match = _KV.match(key)
+    for key, tensor in model.model.state_dict().items():
+        match = pattern.match(key)
         if match:
             weight = _patched(model, key, _original(model, key, tensor).detach())
             out[layout.to_diffusers(match.group(1))] = weight.float().cpu()
+    return out
+
+
+def kv_weights(model) -> dict[str, torch.Tensor]:
+    """This MODEL's effective attn2 to_k/to_v weights by diffusers parameter name."""
+    out = unet_weights(model)
     if not out:
         raise FamilyError("this MODEL has no cross-attention (attn2.to_k/to_v) layers: closed-form erasure needs a "
                           "text-conditioned Stable Diffusion UNet (SD1.x, SD2.x or SDXL)")
@@ -67,9 +75,8 @@ def model_family(model) -> str:
 
 def apply_erasure(model, erasure: Erasure, strength: float = 1.0):
     """A clone of `model` with the erasure's deltas patched in at `strength`; `model` itself is untouched."""
-    weights = kv_weights(model)
-    family = family_from_context_dim(next(iter(weights.values())).shape[1]).name
-    erasure.check_base(family, {f"unet.{k}": v for k, v in weights.items()})
+    base = unet_weights(model, ATTENTION)
+    erasure.check_base(model_family(model), {f"unet.{k}": v for k, v in base.items()})
     layout = _layout(model)
     patches = {}
     for name, delta in erasure.layers.items():
