@@ -179,13 +179,6 @@ class KVEdit:
         return {prefix + name: compact(up.float().contiguous(), shared) for name, up in self.ups.items()}
 
 
-def group_by_width(weights: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
-    groups: dict[int, dict[str, torch.Tensor]] = {}
-    for name, w in weights.items():
-        groups.setdefault(w.shape[1], {})[name] = w
-    return groups
-
-
 def uce(weights: Mapping[str, torch.Tensor], pairs: Pairs, *, lam: float = 0.5, erase_scale: float = 1.0,
         preserve: torch.Tensor | None = None, preserve_scale: float = 1.0, technique: str = "replace") -> KVEdit:
     """UCE on the K/V weights of one context width (name -> W₀, d×n)."""

@@ -12,6 +12,7 @@ import torch
 
 from . import closed_form
 from .erasure import Erasure, fingerprint
+from .families import kv_family
 from .text import Encoded, Encoder, suffix_pair
 
 METHODS = ("uce", "rece", "trce")
@@ -138,9 +139,7 @@ def erase(kv_weights: Mapping[str, torch.Tensor], encode: Encoder, family: str, 
     concepts = [c.strip() for c in opts.concepts if c.strip()]
     preset = RECE_PRESETS.get(opts.preset or "", {})
     guides = _guides(opts, concepts, preset.get("guide", ""))
-    groups = closed_form.group_by_width(kv_weights)
-    if len(groups) != 1:
-        raise ValueError(f"cross-attention layers of several context widths {sorted(groups)}: not an SD-style UNet")
+    kv_family(kv_weights)  # one context width, a known family
     if opts.method == "trce":
         if prior is None:
             raise ValueError("TRCE needs the prior-preservation statistics (caption_prior) of this text encoder")

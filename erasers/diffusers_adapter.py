@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .erasure import Erasure
-from .families import FamilyError, family_from_context_dim
+from .families import FamilyError, kv_family
 
 _ORIGINALS = "_erasekit_originals"
 
@@ -24,10 +24,7 @@ def unet_kv_weights(pipe_or_unet) -> dict[str, torch.Tensor]:
 
 
 def unet_family(pipe_or_unet) -> str:
-    widths = {w.shape[1] for w in unet_kv_weights(pipe_or_unet).values()}
-    if len(widths) != 1:
-        raise FamilyError(f"cross-attention layers of several context widths {sorted(widths)}")
-    return family_from_context_dim(widths.pop()).name
+    return kv_family(unet_kv_weights(pipe_or_unet)).name
 
 
 @torch.no_grad()

@@ -48,6 +48,14 @@ def family_from_context_dim(context_dim: int) -> Family:
         ) from None
 
 
+def kv_family(kv_weights: Mapping[str, object]) -> Family:
+    """The family of a UNet from its attn2 to_k/to_v weights (tensors or shapes): their common context width."""
+    widths = {tuple(getattr(w, "shape", w))[1] for w in kv_weights.values()}
+    if len(widths) != 1:
+        raise FamilyError(f"cross-attention layers of several context widths {sorted(widths)}: not an SD-style UNet")
+    return family_from_context_dim(widths.pop())
+
+
 @dataclass(frozen=True)
 class CrossAttention:
     """One attn2 block: its diffusers path (without ``.to_k``), query width and context width."""

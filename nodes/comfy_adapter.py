@@ -10,7 +10,7 @@ import re
 import torch
 
 from ..erasers.erasure import Erasure
-from ..erasers.families import FamilyError, UNetLayout, family_from_context_dim
+from ..erasers.families import FamilyError, UNetLayout, kv_family
 from ..erasers.text import CONTEXT_TOKENS, WORD_WINDOW, Encoded, warn_truncated
 
 _KV = re.compile(r"^diffusion_model\.(.+\.attn2\.to_[kv]\.weight)$")
@@ -67,10 +67,7 @@ def kv_weights(model) -> dict[str, torch.Tensor]:
 
 
 def model_family(model) -> str:
-    widths = {w.shape[1] for w in kv_weights(model).values()}
-    if len(widths) != 1:
-        raise FamilyError(f"cross-attention layers of several context widths {sorted(widths)}")
-    return family_from_context_dim(widths.pop()).name
+    return kv_family(kv_weights(model)).name
 
 
 def apply_erasure(model, erasure: Erasure, strength: float = 1.0):
