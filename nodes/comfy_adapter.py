@@ -103,9 +103,17 @@ class ComfyEncoder:
             words = ids.index(END_TOKEN) - 1 if END_TOKEN in ids else WORD_WINDOW
             chunks = next(iter(tokens.values()))
             if len(chunks) > 1:
-                extra = sum(1 for chunk in chunks[1:] for t in chunk if t[0] not in (END_TOKEN, 49406, 0))
-                warn_truncated(prompt, WORD_WINDOW + extra, "the text after the first 75 tokens")
+                self._warn_cut(prompt, chunks)
             cond = self.clip.encode_from_tokens(tokens)
             embeddings.append(cond[0, :CONTEXT_TOKENS].float().cpu())
             lengths.append(words)
         return Encoded(torch.stack(embeddings), lengths)
+
+    def _warn_cut(self, prompt: str, chunks) -> None:
+        """ComfyUI splits long prompts into 77-token chunks; only the first is an erasure key. Name the cut words."""
+        extra = sum(1 for chunk in chunks[1:] for t in chunk if t[0] not in (END_TOKEN, 49406, 0))
+        first, *rest = next(iter(self.clip.tokenize(prompt, return_word_ids=True).values()))
+        kept = {t[2] for t in first}
+        cut = sorted({t[2] for chunk in rest for t in chunk if t[2] and t[2] not in kept})
+        words = prompt.split()
+        warn_truncated(prompt, WORD_WINDOW + extra, " ".join(words[i - 1] for i in cut if 0 < i <= len(words)))

@@ -142,3 +142,13 @@ def test_bad_node_input_is_named(loaded):
         _erase(model, clip, concepts=" ,; ")
     with pytest.raises(ValueError, match="2 guide concepts for 1 erased concepts"):
         _erase(model, clip, guide="a;b")
+
+
+def test_a_concept_longer_than_the_window_warns_with_the_cut_words(loaded):
+    from erasekit.erasers.text import TruncationWarning
+    from erasekit.nodes.comfy_adapter import ComfyEncoder
+
+    long_concept = " ".join(["red"] * 80) + " zebra"
+    with torch.inference_mode(), pytest.warns(TruncationWarning, match="zebra"):
+        encoded = ComfyEncoder(loaded[1])([long_concept])
+    assert encoded.lengths == [75] and encoded.embeddings.shape[1] == 77
