@@ -60,13 +60,13 @@ def _warm_up(width: int) -> None:
     torch.linalg.solve(a @ a.T + torch.eye(width), a)
 
 
-def closed_form_rows(family: str, counts=(1, 10, 50), repeats: int = 3, rece_epochs: int = 1) -> list[dict]:
+def closed_form_rows(family: str, counts=(1, 10, 50), repeats: int = 3, rece_epochs: int = 1):
+    """Yield one measured row per concept count (SDXL's per-layer references take minutes each)."""
     weights = sd15_cross_attention_weights() if family == "sd15" else sdxl_cross_attention_weights()
     width = next(iter(weights.values())).shape[1]
     dense_bytes = sum(w.numel() for w in weights.values()) * 4
     _warm_up(width)
     read_once = _time(lambda: [w.sum() for w in weights.values()], repeats)
-    rows = []
     for count in counts:
         pairs = closed_form.Pairs()
         for i in range(count):
@@ -95,37 +95,33 @@ def closed_form_rows(family: str, counts=(1, 10, 50), repeats: int = 3, rece_epo
         layers = ours_uce()
         with tempfile.TemporaryDirectory() as tmp:
             size = Erasure(layers=layers, method="uce", family=family, concepts=[]).save(Path(tmp) / "e.safetensors").stat().st_size
-        rows.append({
+        yield {
             "family": family, "concepts": count,
             "text_encoding_s": _text_encoding_time(family, count),
             "uce_s": _time(ours_uce, repeats), "uce_reference_s": _time(reference_uce, 1, warmup=0),
             "rece_s": _time(ours_rece, 1), "rece_reference_s": _time(reference_rece, 1, warmup=0),
             "read_once_s": read_once, "file_bytes": size, "dense_kv_bytes": dense_bytes,
-        })
-    return rows
+        }
 
 
-def format_rows(rows: list[dict]) -> str:
-    head = (f"{'model':6} {'n':>3} | {'text enc':>8} | {'UCE ours':>9} {'per-layer':>9} {'speed-up':>8} "
-            f"{'read-once':>9} {'ours/read':>9} | {'RECE ours':>9} {'per-layer':>9} {'speed-up':>8} | "
-            f"{'file':>10} {'dense K/V':>10} {'ratio':>7}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['family']:6} {r['concepts']:>3} | {r['text_encoding_s']:>7.3f}s | {r['uce_s']:>8.4f}s "
-            f"{r['uce_reference_s']:>8.3f}s {r['uce_reference_s'] / r['uce_s']:>7.1f}x {r['read_once_s']:>8.4f}s "
-            f"{r['uce_s'] / r['read_once_s']:>8.2f}x | {r['rece_s']:>8.3f}s {r['rece_reference_s']:>8.2f}s "
-            f"{r['rece_reference_s'] / r['rece_s']:>7.1f}x | {r['file_bytes'] / 1e6:>8.2f}MB "
-            f"{r['dense_kv_bytes'] / 1e6:>8.1f}MB {r['dense_kv_bytes'] / r['file_bytes']:>6.0f}x"
-        )
-    return "\n".join(lines)
+HEADER = (f"{'model':6} {'n':>3} | {'text enc':>8} | {'UCE ours':>9} {'per-layer':>9} {'speed-up':>8} "
+          f"{'read-once':>9} {'ours/read':>9} | {'RECE ours':>9} {'per-layer':>9} {'speed-up':>8} | "
+          f"{'file':>10} {'dense K/V':>10} {'ratio':>7}")
 
 
-def run_closed_form(families=("sd15", "sdxl"), counts=(1, 10, 50), repeats: int = 3) -> str:
-    """Measure and format; prints each family as soon as it is done (SDXL's per-layer reference takes minutes)."""
-    blocks = []
+def format_row(r: dict) -> str:
+    return (
+        f"{r['family']:6} {r['concepts']:>3} | {r['text_encoding_s']:>7.3f}s | {r['uce_s']:>8.4f}s "
+        f"{r['uce_reference_s']:>8.3f}s {r['uce_reference_s'] / r['uce_s']:>7.1f}x {r['read_once_s']:>8.4f}s "
+        f"{r['uce_s'] / r['read_once_s']:>8.2f}x | {r['rece_s']:>8.3f}s {r['rece_reference_s']:>8.2f}s "
+        f"{r['rece_reference_s'] / r['rece_s']:>7.1f}x | {r['file_bytes'] / 1e6:>8.2f}MB "
+        f"{r['dense_kv_bytes'] / 1e6:>8.1f}MB {r['dense_kv_bytes'] / r['file_bytes']:>6.0f}x"
+    )
+
+
+def run_closed_form(families=("sd15", "sdxl"), counts=(1, 10, 50), repeats: int = 3) -> None:
+    """Measure and print each row as soon as it is done."""
+    print(HEADER + "\n" + "-" * len(HEADER), flush=True)
     for family in families:
-        block = format_rows(closed_form_rows(family, counts, repeats))
-        print(block, flush=True)
-        blocks.append(block)
-    return "\n".join(blocks)
+        for row in closed_form_rows(family, counts, repeats):
+            print(format_row(row), flush=True)
