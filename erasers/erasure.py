@@ -57,9 +57,6 @@ class LayerDelta:
             return self.dense.to(device=device, dtype=dtype)
         return (self.up.to(device=device, dtype=torch.float32) @ self.down.to(device=device, dtype=torch.float32)).to(dtype)
 
-    def numel(self) -> int:
-        return self.dense.numel() if self.dense is not None else self.up.numel() + self.down.numel()
-
 
 def compact(up: torch.Tensor, down: torch.Tensor) -> LayerDelta:
     """Keep factors when they are smaller than the dense matrix, else materialise (rank near full)."""
@@ -79,12 +76,6 @@ class Erasure:
     preserve: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     base_fingerprint: list[float] = field(default_factory=list)
-
-    def deltas(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {name: delta.materialize(dtype) for name, delta in self.layers.items()}
-
-    def nbytes(self) -> int:
-        return sum(d.numel() for d in self.layers.values()) * 4
 
     def check_base(self, family: str, base_weights: Mapping[str, torch.Tensor]) -> None:
         """Raise if `family` differs; warn if the base weights are not the ones this erasure was computed on."""
