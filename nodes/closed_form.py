@@ -9,7 +9,8 @@ from ..erasers import concept_edit
 from ..erasers.concept_data import coco_captions
 from ..erasers import official
 from ..erasers.erasure import Erasure
-from .comfy_adapter import ATTENTION, ComfyEncoder, apply_erasure, kv_weights, model_family, unet_weights
+from ..erasers.families import kv_family
+from .comfy_adapter import ATTENTION, ComfyEncoder, apply_erasure, kv_weights, unet_weights
 
 CATEGORY = "EraseKit"
 FOLDER = "erasers"
@@ -110,7 +111,8 @@ class EraseConcepts:
         encoder = ComfyEncoder(clip)
         prior = concept_edit.caption_prior(encoder, coco_captions(trce_prior_captions)) if method == "trce" else None
         progress = _progress(opts.epochs or concept_edit.RECE_PRESETS.get(opts.preset or "", {}).get("epochs", 1))
-        erasure = concept_edit.erase(kv_weights(model), encoder, model_family(model), opts,
+        kv = kv_weights(model)
+        erasure = concept_edit.erase(kv, encoder, kv_family(kv).name, opts,
                                      progress=progress if method == "rece" else None, prior=prior)
         return (apply_erasure(model, erasure, strength), erasure)
 

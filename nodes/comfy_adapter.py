@@ -57,23 +57,24 @@ def unet_weights(model, pattern: re.Pattern = _KV) -> dict[str, torch.Tensor]:
     return out
 
 
-def kv_weights(model) -> dict[str, torch.Tensor]:
-    """This MODEL's effective attn2 to_k/to_v weights by diffusers parameter name."""
-    out = unet_weights(model)
-    if not out:
+def _cross_attention(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    kv = {k: v for k, v in weights.items() if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+    if not kv:
         raise FamilyError("this MODEL has no cross-attention (attn2.to_k/to_v) layers: closed-form erasure needs a "
                           "text-conditioned Stable Diffusion UNet (SD1.x, SD2.x or SDXL)")
-    return out
+    return kv
 
 
-def model_family(model) -> str:
-    return kv_family(kv_weights(model)).name
+def kv_weights(model) -> dict[str, torch.Tensor]:
+    """This MODEL's effective attn2 to_k/to_v weights by diffusers parameter name."""
+    return _cross_attention(unet_weights(model))
 
 
 def apply_erasure(model, erasure: Erasure, strength: float = 1.0):
     """A clone of `model` with the erasure's deltas patched in at `strength`; `model` itself is untouched."""
-    base = unet_weights(model, ATTENTION)
-    erasure.check_base(model_family(model), {f"unet.{k}": v for k, v in base.items()})
+    base = unet_weights(model, ATTENTION)  # read once: the family comes from its K/V part
+    family = kv_family(_cross_attention(base)).name
+    erasure.check_base(family, {f"unet.{k}": v for k, v in base.items()})
     layout = _layout(model)
     patches = {}
     for name, delta in erasure.layers.items():
