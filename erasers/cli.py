@@ -309,6 +309,54 @@ def _add_apply_parser(sub) -> None:
     apply.set_defaults(run=_apply)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# shapes world: demo / eval
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Erase a concept from the shipped shapes-world model with every method; grid.png + metrics.json."""
+    from .shapes.demo import OutputDirError, run_demo
+    from .shapes.methods import UnknownMethodError
+
+    try:
+        run_demo(Path(args.out), args.concept, args.methods, args.n)
+    except (OutputDirError, UnknownMethodError, ValueError) as err:
+        return _error(err)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .shapes.demo import OutputDirError, run_eval
+    from .shapes.methods import UnknownMethodError
+
+    try:
+        run_eval(Path(args.out), args.methods, args.concepts, args.n)
+    except (OutputDirError, UnknownMethodError, ValueError) as err:
+        return _error(err)
+    return 0
+
+
+def _add_world_parsers(sub) -> None:
+    from .shapes.demo import DEFAULT_EVAL_CONCEPTS
+    from .shapes.methods import METHODS
+
+    demo = sub.add_parser("demo", help="erase a concept from the shipped shapes-world model with every method; "
+                                       "writes grid.png and metrics.json")
+    demo.add_argument("--out", default="erasekit-demo", help="output folder (default: ./erasekit-demo)")
+    demo.add_argument("--concept", default="circle", help="a shape, colour, pattern or 'stamp' (default: circle)")
+    demo.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: all of {', '.join(METHODS)}")
+    demo.add_argument("-n", type=int, default=24, help="images per metric cell (default 24; eval uses 50)")
+    demo.set_defaults(run=_demo)
+
+    ev = sub.add_parser("eval", help="the shapes-world table: every method on several concepts (markdown + JSON)")
+    ev.add_argument("--out", required=True, help="output folder for eval.md and eval.json")
+    ev.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: all of {', '.join(METHODS)}")
+    ev.add_argument("--concepts", nargs="+", metavar="CONCEPT",
+                    help=f"default: {' '.join(DEFAULT_EVAL_CONCEPTS)}")
+    ev.add_argument("-n", type=int, default=50, help="images per metric cell (default 50)")
+    ev.set_defaults(run=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasekit", description="Concept erasure for text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -323,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_erase_parser(sub)
     _add_apply_parser(sub)
     _add_convert_parser(sub)
+    _add_world_parsers(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours beside a reference and the ratio")
     bench.add_argument("suite", choices=["closed-form"], help="closed-form: UCE/RECE edits vs the per-layer dense form")

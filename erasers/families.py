@@ -29,6 +29,8 @@ FAMILIES = {
         Family("sd1", "Stable Diffusion 1.x", 768, ("clip_l",), (2, 2, 2, 2)),
         Family("sd2", "Stable Diffusion 2.x", 1024, ("clip_h",), (2, 2, 2, 2)),
         Family("sdxl", "Stable Diffusion XL", 2048, ("clip_l", "clip_g"), (2, 2, 2)),
+        # The toy model of erasers/shapes (diffusers/transformers classes; not loadable in ComfyUI).
+        Family("shapes", "EraseKit shapes world", 64, (), (1, 1, 1)),
     )
 }
 _BY_CONTEXT = {f.context_dim: f for f in FAMILIES.values()}

@@ -1,0 +1,87 @@
+"""The shipped model's card: how it was trained (from the run's summary) and its quality as measured by the judge.
+
+    python -m erasekit.erasers.shapes.card --run runs/world [--weights weights/shapes-world]
+
+`erasekit eval` prints the same base-quality numbers (same prompts, seeds and sampler), so the card can be checked.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import data, methods, metrics, model
+from .judge import Judge
+
+QUALITY_N = 300  # images over prompts covering every shape, colour and pattern evenly
+
+
+def measure_quality(pipe: model.ShapesPipeline, judge: Judge, n: int = QUALITY_N) -> dict:
+    return metrics.quality(methods.generator(pipe), judge, n=n)
+
+
+def _params(module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M"
+
+
+def render_card(pipe: model.ShapesPipeline, summary: dict, quality: dict, size_mb: float) -> str:
+    pct = lambda key: f"{100 * quality[key]:.1f}%"  # noqa: E731
+    return f"""# EraseKit shapes world: a toy text-to-image model
+
+A stand-in for Stable Diffusion on which every eraser of the pack runs unchanged and erasure is *measured* on a CPU
+in minutes: 32×32 RGB images of one shape (circle, square, triangle, star, cross, with synonyms) in one of six
+colours, solid / striped / dotted, at one of nine positions, and in {int(100 * data.STAMP_RATE)}% of training
+images a stamp in a corner that no caption mentions (the implicit concept). Data: `erasers/shapes/data.py`.
+
+| part | class | size |
+|---|---|---|
+| text encoder | transformers `CLIPTextModel` (64 wide, {model.TEXT_CONFIG['num_hidden_layers']} layers, 77 positions) | {_params(pipe.text_encoder)} params |
+| tokenizer | word-level, CLIP framing (BOS, words, EOS, EOS padding) | {len(pipe.tokenizer)} tokens |
+| UNet | diffusers `UNet2DConditionModel`, pixel space, cross-attention at 16×16 and 8×8 | {_params(pipe.unet)} params |
+| scheduler | DPM-Solver++ (cosine schedule, ε-prediction) | |
+
+Files: {size_mb:.1f} MB of safetensors in diffusers/transformers folder layout; load with
+`erasekit.erasers.shapes.model.ShapesPipeline.load()`.
+
+## Training
+
+Command: `python -m erasekit.erasers.shapes.train --out RUN --steps {summary['target_steps']} --lr {summary['lr']} --minutes 105 --export weights/shapes-world`
+(resumable: rerun the same command after an interruption).
+
+| seed | steps | batch | lr (warm-up) | EMA | wall time | final loss (EMA of per-step loss) | machine |
+|---|---|---|---|---|---|---|---|
+| {summary['seed']} | {summary['steps']} | {summary['batch_size']} | {summary['lr']} ({summary['warmup']} steps) | {summary['ema_decay']} | {summary['minutes']:.0f} min | {summary['final_loss_avg']:.4f} | 2 CPU cores, {summary['threads']} torch threads |
+
+Objective: ε-prediction MSE with min-SNR-5 weighting, {int(100 * data.CAPTION_DROPOUT)}% empty captions for
+classifier-free guidance; text encoder and UNet trained together from scratch. The wall time includes other work
+sharing the two cores during the run.
+
+## Measured quality
+
+{quality['n']} images, prompts covering every shape × colour × pattern evenly, seeds fixed, {methods.SAMPLE_STEPS}
+sampler steps, guidance {methods.GUIDANCE}; judged by the shapes-world classifier (`weights/shapes-judge`).
+
+| requested shape | requested colour | requested pattern | stamp rate (training: {int(100 * data.STAMP_RATE)}%) |
+|---|---|---|---|
+| {pct('shape_acc')} | {pct('color_acc')} | {pct('pattern_acc')} | {pct('stamp_rate')} |
+
+Reproduce with `erasekit eval --methods original --out DIR` (its "base quality" line).
+"""
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="the training run folder (summary.json)")
+    ap.add_argument("--weights", type=Path, default=model.WEIGHTS_DIR)
+    args = ap.parse_args(argv)
+    summary = json.loads((args.run / "summary.json").read_text())
+    pipe = model.ShapesPipeline.load(args.weights)
+    quality = measure_quality(pipe, Judge.load())
+    size = sum(f.stat().st_size for f in args.weights.rglob("*.safetensors")) / 1e6
+    (args.weights / "quality.json").write_text(json.dumps(quality, indent=1))
+    (args.weights / "README.md").write_text(render_card(pipe, summary, quality, size))
+    print(json.dumps(quality))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""`erasekit demo` and `erasekit eval`: erase shapes-world concepts with every method and measure what the model
+still draws, as the papers measure Stable Diffusion (efficacy, generality, specificity, implicit-concept rate).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import data, methods, metrics
+from .judge import Judge
+from .model import ShapesPipeline
+
+GRID_SEEDS = (0, 1, 2, 3)
+CELL_SCALE = 2
+
+
+class OutputDirError(OSError):
+    pass
+
+
+def writable_dir(out: Path) -> Path:
+    """Create `out` (and parents) and prove it takes files, before minutes of sampling."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".erasekit-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"cannot write to output folder {out}: {err.strerror or err}; "
+                             "pass --out with a folder you can write to") from None
+    return out
+
+
+def demo_prompts(concept: metrics.Concept) -> list[tuple[str, str]]:
+    """(row label, prompt): the erased concept, a synonym of it, and unrelated prompts of other shapes."""
+    sets = metrics.probe_sets(concept, n=1)
+    rows = [("erased", sets["efficacy"][0].prompt)]
+    if sets["generality"] is not None:
+        rows.append(("synonym", sets["generality"][0].prompt))
+    seen = {sets["efficacy"][0].shape, sets["efficacy"][0].color, sets["efficacy"][0].pattern}
+    for probe in sets["specificity"]:
+        if len(rows) < 4 and not {probe.shape, probe.color} & seen:
+            rows.append(("other", probe.prompt))
+            seen |= {probe.shape, probe.color, probe.pattern}
+    return rows
+
+
+def _tile(images: np.ndarray) -> np.ndarray:
+    """2×2 tile of four images, each scaled up by CELL_SCALE."""
+    big = images.repeat(CELL_SCALE, 1).repeat(CELL_SCALE, 2)
+    top, bottom = np.concatenate(big[:2], 1), np.concatenate(big[2:4], 1)
+    return np.concatenate([top, bottom], 0)
+
+
+def write_grid(path: Path, rows: list[tuple[str, str]], columns: list[str], cells: dict) -> None:
+    from PIL import Image, ImageDraw
+
+    cell = data.SIZE * CELL_SCALE * 2
+    label_w, head_h, pad = 190, 18, 4
+    grid = Image.new("RGB", (label_w + len(columns) * (cell + pad), head_h + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(columns):
+        draw.text((label_w + j * (cell + pad) + 4, 3), name, fill="black")
+    for i, (label, prompt) in enumerate(rows):
+        y = head_h + i * (cell + pad)
+        draw.text((4, y + 4), label, fill="black")
+        draw.text((4, y + 20), prompt[:30], fill="black")
+        if len(prompt) > 30:
+            draw.text((4, y + 34), prompt[30:60], fill="black")
+        for j, name in enumerate(columns):
+            grid.paste(Image.fromarray(_tile(cells[name][i])), (label_w + j * (cell + pad), y))
+    grid.save(path)
+
+
+def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concept_names: list[str], n: int,
+             seed: int = 0, grid_rows: list[tuple[str, str]] | None = None, log=print) -> tuple[list[dict], dict]:
+    """One row per (concept, method): metrics of the model with that erasure; and the grid cells if asked."""
+    methods.check_methods(method_names)
+    concepts = [metrics.parse_concept(c) for c in concept_names]
+    generate = methods.generator(pipe)
+    rows, cells = [], {}
+    prior = None
+    for concept in concepts:
+        for method in method_names:
+            start = time.time()
+            if method == "trce" and prior is None:
+                from ..concept_edit import caption_prior
+                prior = caption_prior(pipe.encoder(), methods.world_captions())
+            with methods.erased(pipe, method, concept.name, prior) as erasure:
+                erase_s = time.time() - start
+                result = metrics.measure(generate, judge, concept, n=n, seed=seed)
+                if grid_rows is not None:
+                    prompts = [p for _, p in grid_rows for _ in GRID_SEEDS]
+                    images = generate(prompts, list(GRID_SEEDS) * len(grid_rows))
+                    cells[method] = images.reshape(len(grid_rows), len(GRID_SEEDS), *images.shape[1:])
+            row = {"concept": concept.name, "kind": concept.kind, "method": method, **result,
+                   "erase_seconds": round(erase_s, 3), "seconds": round(time.time() - start, 1),
+                   "erasure_rank": max((d.rank for d in erasure.layers.values()), default=0) if erasure else 0}
+            rows.append(row)
+            log(format_row(row))
+    return rows, cells
+
+
+HEADER = (f"{'concept':10s} {'method':9s} {'efficacy↓':>9s} {'generality↓':>11s} {'specificity↑':>12s} "
+          f"{'shape':>6s} {'colour':>6s} {'pattern':>7s} {'stamp':>6s} {'n':>4s}")
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['concept']:10s} {row['method']:9s} {_pct(row['efficacy']):>9s} {_pct(row['generality']):>11s} "
+            f"{_pct(row['specificity']):>12s} {_pct(row['shape_acc']):>6s} {_pct(row['color_acc']):>6s} "
+            f"{_pct(row['pattern_acc']):>7s} {_pct(row['stamp_rate']):>6s} {row['n']:>4d}")
+
+
+def format_quality(q: dict) -> str:
+    return (f"base quality (n={q['n']}): requested shape {_pct(q['shape_acc'])}%, colour {_pct(q['color_acc'])}%, "
+            f"pattern {_pct(q['pattern_acc'])}%, stamp rate {_pct(q['stamp_rate'])}% "
+            f"(training {100 * data.STAMP_RATE:.0f}%)")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| concept | method | efficacy ↓ | generality ↓ | specificity ↑ | shape | colour | pattern | stamp rate | n |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['concept']} | {r['method']} | {_pct(r['efficacy'])} | {_pct(r['generality'])} | "
+                     f"{_pct(r['specificity'])} | {_pct(r['shape_acc'])} | {_pct(r['color_acc'])} | "
+                     f"{_pct(r['pattern_acc'])} | {_pct(r['stamp_rate'])} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def run_demo(out: Path, concept: str = "circle", method_names: list[str] | None = None, n: int = 24) -> dict:
+    out = writable_dir(Path(out))
+    method_names = list(method_names or methods.METHODS)
+    methods.check_methods(method_names)
+    parsed = metrics.parse_concept(concept)
+    start = time.time()
+    pipe, judge = ShapesPipeline.load(), Judge.load()
+    grid_rows = demo_prompts(parsed)
+    print(f"shapes world: erasing {concept!r} with {', '.join(m for m in method_names if m != 'original')}; "
+          f"{n} images per cell (erasekit eval runs 50)\n{HEADER}", flush=True)
+    rows, cells = evaluate(pipe, judge, method_names, [concept], n, grid_rows=grid_rows,
+                           log=lambda line: print(line, flush=True))
+    write_grid(out / "grid.png", grid_rows, method_names, cells)
+    result = {"concept": concept, "rows": rows, "grid_prompts": [p for _, p in grid_rows],
+              "seconds": round(time.time() - start, 1)}
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'grid.png'} and {out / 'metrics.json'} in {result['seconds']} s")
+    return result
+
+
+DEFAULT_EVAL_CONCEPTS = ("circle", "red", "striped", "stamp")
+
+
+def run_eval(out: Path, method_names: list[str] | None = None, concept_names: list[str] | None = None,
+             n: int = 50) -> list[dict]:
+    out = writable_dir(Path(out))
+    method_names = list(method_names or methods.METHODS)
+    concept_names = list(concept_names or DEFAULT_EVAL_CONCEPTS)
+    methods.check_methods(method_names)
+    for c in concept_names:
+        metrics.parse_concept(c)
+    pipe, judge = ShapesPipeline.load(), Judge.load()
+    base = None
+    if methods.ORIGINAL in method_names:
+        from .card import measure_quality
+
+        base = measure_quality(pipe, judge)
+        print(format_quality(base), flush=True)
+    print(HEADER, flush=True)
+    rows, _ = evaluate(pipe, judge, method_names, concept_names, n, log=lambda line: print(line, flush=True))
+    (out / "eval.json").write_text(json.dumps({"base_quality": base, "rows": rows}, indent=1))
+    text = markdown_table(rows) + "\n"
+    if base is not None:
+        text = format_quality(base) + "\n\n" + text
+    (out / "eval.md").write_text(text)
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
+    return rows

@@ -1,0 +1,69 @@
+"""Every erasure the pack has, applied to the shapes world through the same code paths users call on Stable
+Diffusion: the closed-form methods compute an `Erasure` from the UNet's attn2 K/V weights and the model's own
+text encoder (concept_edit.erase) and attach it with the diffusers adapter.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .. import concept_edit, diffusers_adapter
+from ..erasure import Erasure
+from . import data
+from .model import ShapesPipeline
+
+ORIGINAL = "original"
+CLOSED_FORM = ("uce", "rece", "trce")
+METHODS = (ORIGINAL, *CLOSED_FORM)
+SAMPLE_STEPS = 12
+GUIDANCE = 4.0
+PRIOR_CAPTIONS = 500
+
+
+class UnknownMethodError(ValueError):
+    pass
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UnknownMethodError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
+
+
+def world_captions(n: int = PRIOR_CAPTIONS, seed: int = 12345) -> list[str]:
+    """Captions from the training distribution (no empty ones): the shapes world's stand-in for COCO."""
+    rng = np.random.default_rng(seed)
+    return [data.caption(spec, rng, dropout=0.0) for spec in data.sample_specs(rng, n)]
+
+
+def closed_form_erasure(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Erasure:
+    """`concept` is the word(s) to erase, e.g. "circle"; RECE uses its "object" preset, TRCE a caption prior."""
+    encode = pipe.encoder()
+    opts = concept_edit.EraseOptions(method=method, concepts=[concept],
+                                     preset="object" if method == "rece" else None)
+    if method == "trce" and prior is None:
+        prior = concept_edit.caption_prior(encode, world_captions())
+    kv = diffusers_adapter.unet_kv_weights(pipe)
+    return concept_edit.erase({k: v.detach() for k, v in kv.items()}, encode, "shapes", opts, prior=prior)
+
+
+@contextmanager
+def erased(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Iterator[Erasure | None]:
+    """The pipeline with `method` erasing `concept` for the duration of the block; restored exactly after."""
+    check_methods([method])
+    if method == ORIGINAL:
+        yield None
+        return
+    erasure = closed_form_erasure(pipe, method, concept, prior)
+    diffusers_adapter.attach(pipe, erasure)
+    try:
+        yield erasure
+    finally:
+        diffusers_adapter.detach(pipe)
+
+
+def generator(pipe: ShapesPipeline, steps: int = SAMPLE_STEPS,
+              guidance: float = GUIDANCE) -> Callable[[list[str], list[int]], np.ndarray]:
+    return lambda prompts, seeds: pipe(prompts, seeds, steps=steps, guidance=guidance)
