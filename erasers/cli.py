@@ -357,6 +357,86 @@ def _add_world_parsers(sub) -> None:
     ev.set_defaults(run=_eval)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# train-spm
+
+
+def _train_spm(args: argparse.Namespace) -> int:
+    """Train an SPM membrane (erase_with_la) on the shapes world or a diffusers SD1.x/SD2.x folder."""
+    import time
+
+    from .spm_train import SPMTrainConfig, load_pipeline, train_spm
+
+    started = time.perf_counter()
+    try:
+        out = Path(args.out)
+        if out.suffix.lower() != ".safetensors":
+            raise ValueError(f"--out {out.name}: membranes are written as .safetensors")
+        device = _device(args.device)
+        pipe, kind = load_pipeline(args.model, device)
+        overrides = {name: value for name, value in (("iterations", args.iterations), ("lr", args.lr),
+                     ("la_strength", args.la_strength), ("seed", args.seed), ("ddim_steps", args.ddim_steps))
+                     if value is not None}
+        config = SPMTrainConfig.shapes(**overrides) if kind == "shapes" else SPMTrainConfig(**overrides)
+        config.validate()
+    except (NotImplementedError, OSError, ValueError) as err:
+        return _error(err)
+    print(f"model: {args.model or 'shapes world (shipped)'} ({kind}, {device}); target {args.target!r}, positive "
+          f"{args.positive if args.positive is not None else args.target!r}, neutral {args.neutral!r}", flush=True)
+    print(f"{config.iterations} iterations, lr {config.lr:g}, la_strength {config.la_strength:g}, "
+          f"{config.ddim_steps} DDIM steps, rank {config.rank}, seed {config.seed}", flush=True)
+    every = max(1, config.iterations // 20)
+    clock = {"start": time.perf_counter(), "first": None}
+
+    def progress(step: int, total: int, losses) -> None:
+        if clock["first"] is None:
+            clock["first"] = step - 1  # a resumed run starts past 0
+        if step % every and step != total:
+            return
+        rate = (step - clock["first"]) / max(time.perf_counter() - clock["start"], 1e-9)
+        terms = "  ".join(f"{name} {value:.3e}" for name, value in losses.items())
+        print(f"step {step}/{total}  {terms}  ({rate:.2f} it/s)", flush=True)
+
+    try:
+        membrane = train_spm(pipe, args.target, args.positive, args.neutral, config, progress=progress, out=out,
+                             resume=not args.fresh)
+    except (NotImplementedError, ValueError) as err:
+        return _error(err)
+    print(f"SPM membrane erasing {args.target!r}: {len(membrane.layers)} layers, rank {membrane.rank}")
+    print(f"wrote {out} ({_size(out.stat().st_size)}) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _add_train_spm_parser(sub) -> None:
+    from .spm_train import SHAPES_DEFAULTS as world
+
+    train = sub.add_parser(
+        "train-spm", help="train an SPM membrane that erases a concept (official erase_with_la objective)",
+        description="Train a rank-1 SPM membrane (official layout; LoRA loaders and the SPM nodes read it) on the "
+                    "shipped shapes world (default) or a diffusers SD1.x/SD2.x folder. Defaults: the official SD1.4 "
+                    "settings for SD folders, shorter CPU-sized ones for the shapes world. An interrupted run "
+                    "resumes from FILE.safetensors.resume.pt.")
+    train.add_argument("--target", required=True, metavar="TEXT", help="the concept to erase")
+    train.add_argument("--positive", default=None, metavar="TEXT", help="the concept's prompt (default: --target)")
+    train.add_argument("--neutral", default="", metavar="TEXT",
+                       help="what the target is pushed towards (default: the empty prompt)")
+    train.add_argument("--model", default=None, metavar="DIR",
+                       help="a shapes-world folder or a diffusers SD1.x/SD2.x folder (default: the shipped shapes "
+                            "world)")
+    train.add_argument("--out", required=True, metavar="FILE", help="the membrane to write (.safetensors)")
+    train.add_argument("--iterations", type=int, default=None,
+                       help=f"default: 3000 (SD), {world['iterations']} (shapes world)")
+    train.add_argument("--lr", type=float, default=None, help=f"default: 1e-4 (SD), {world['lr']:g} (shapes world)")
+    train.add_argument("--la-strength", type=float, default=None,
+                       help="β of latent anchoring (default 1000; 0 turns anchoring off)")
+    train.add_argument("--ddim-steps", type=int, default=None,
+                       help=f"default: 30 (SD), {world['ddim_steps']} (shapes world)")
+    train.add_argument("--seed", type=int, default=None, help="default 0")
+    train.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1, mps)")
+    train.add_argument("--fresh", action="store_true", help="ignore a resume checkpoint from an earlier run")
+    train.set_defaults(run=_train_spm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasekit", description="Concept erasure for text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -372,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_apply_parser(sub)
     _add_convert_parser(sub)
     _add_world_parsers(sub)
+    _add_train_spm_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours beside a reference and the ratio")
     bench.add_argument("suite", choices=["closed-form"], help="closed-form: UCE/RECE edits vs the per-layer dense form")

@@ -19,6 +19,7 @@ Combining several membranes with strengths m_i (see methods.md §1.4):
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,20 +216,34 @@ def save_membrane(membrane: Membrane, path: str | Path) -> Path:
     if any("," in c for c in membrane.concepts):
         raise ValueError(f"concepts {membrane.concepts!r}: the 'prompts' metadata is comma-joined, so a concept "
                          "cannot contain a comma")
+    metadata = {"prompts": ",".join(membrane.concepts), "rank": str(membrane.rank), "alpha": str(membrane.alpha)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_tensors(membrane), str(path), metadata=metadata)
+    return path
+
+
+def kohya_tensors(membrane: Membrane) -> dict[str, Tensor]:
+    """The membrane's tensors under their file (kohya LoRA) names, as LoRA loaders read them."""
     tensors = {}
     for target, layer in membrane.layers.items():
         name = kohya_name(target)
         tensors[f"{name}.lora_down.weight"] = layer.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
-    metadata = {"prompts": ",".join(membrane.concepts), "rank": str(membrane.rank), "alpha": str(membrane.alpha)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return tensors
 
 
 # --- Facilitated Transport --------------------------------------------------------------------------------------
+
+
+def row_keys(rows: Tensor) -> list[bytes]:
+    """A content hash per row (first dim) of `rows`, tagged with dtype and shape: how an adapter recognises, inside
+    the UNet, a context row its text encoder produced (and so knows the row's token ids)."""
+    rows = rows.detach().to("cpu").contiguous()
+    tag = f"{rows.dtype}{tuple(rows.shape[1:])}".encode()
+    data = rows.reshape(rows.shape[0], -1).view(torch.uint8).numpy()
+    return [hashlib.blake2b(tag + row.tobytes(), digest_size=16).digest() for row in data]
 
 
 def token_sets(input_ids: Tensor | Sequence[Sequence[int]], special_ids: Collection[int]) -> list[frozenset[int]]:

@@ -18,7 +18,6 @@ sample here gets the strength of its own context.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 from typing import Sequence
 
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from .diffusers_adapter import unet_family
 from .erasure import FamilyMismatchError
 from .families import FAMILIES
-from .spm import (Combine, Concepts, Membrane, MembraneStack, Metric, is_target, stack_membranes, token_sets,
+from .spm import (Combine, Concepts, Membrane, MembraneStack, Metric, is_target, row_keys, stack_membranes, token_sets,
                   transport_strengths)
 from .text import CONTEXT_TOKENS, Encoder, TransformersEncoder
 
@@ -56,14 +55,6 @@ def membrane_targets(pipe_or_unet) -> dict[str, nn.Module]:
             if is_target(path) and isinstance(_base(module), (nn.Linear, nn.Conv2d))}
 
 
-def _row_keys(rows: Tensor) -> list[bytes]:
-    """A content hash per row (first dim) of `rows`, tagged with dtype and shape."""
-    rows = rows.detach().to("cpu").contiguous()
-    tag = f"{rows.dtype}{tuple(rows.shape[1:])}".encode()
-    data = rows.reshape(rows.shape[0], -1).view(torch.uint8).numpy()
-    return [hashlib.blake2b(tag + row.tobytes(), digest_size=16).digest() for row in data]
-
-
 class _Transport:
     """FT for one attachment: the token record filled by the text encoder and the per-context strength cache."""
 
@@ -82,19 +73,19 @@ class _Transport:
             self.tokens.clear()
         for candidate in (output[0], *(getattr(output, "hidden_states", None) or ())):
             for dtype in _DTYPES:
-                self.tokens.update(zip(_row_keys(candidate.to(dtype)), sets))
+                self.tokens.update(zip(row_keys(candidate.to(dtype)), sets))
 
     def gates(self, context: Tensor) -> Tensor:
         """Strengths [B, M] (float32, CPU) of each context row, computed once per distinct row."""
         if len(self.strengths) > _CACHE_LIMIT:
             self.strengths.clear()
-        keys = _row_keys(context)
+        keys = row_keys(context)
         new = {key: b for b, key in enumerate(keys) if key not in self.strengths}
         if new:
             rows = context[list(new.values())]
             # SDXL pipelines encode an empty negative prompt as zeros (force_zeros_for_empty_prompt): no tokens.
             tokens = [self.tokens.get(key, frozenset() if not row.any() else None)
-                      for key, row in zip(_row_keys(rows[..., : self.width]), rows)]
+                      for key, row in zip(row_keys(rows[..., : self.width]), rows)]
             if None in tokens and not self.warned:
                 self.warned = True
                 warnings.warn("a prompt context reached the UNet without passing through the pipeline's text encoder "

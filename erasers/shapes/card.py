@@ -58,8 +58,8 @@ sharing the two cores during the run.
 
 ## Measured quality
 
-{quality['n']} images, prompts covering every shape × colour × pattern evenly, seeds fixed, {methods.SAMPLE_STEPS}
-sampler steps, guidance {methods.GUIDANCE}; judged by the shapes-world classifier (`weights/shapes-judge`).
+{quality['n']} images, prompts covering every shape × colour × pattern evenly, seeds fixed, {model.SAMPLE_STEPS}
+sampler steps, guidance {model.GUIDANCE}; judged by the shapes-world classifier (`weights/shapes-judge`).
 
 | requested shape | requested colour | requested pattern | stamp rate (training: {int(100 * data.STAMP_RATE)}%) |
 |---|---|---|---|

@@ -12,13 +12,11 @@ import numpy as np
 from .. import concept_edit, diffusers_adapter
 from ..erasure import Erasure
 from . import data
-from .model import ShapesPipeline
+from .model import GUIDANCE, SAMPLE_STEPS, ShapesPipeline
 
 ORIGINAL = "original"
 CLOSED_FORM = ("uce", "rece", "trce")
 METHODS = (ORIGINAL, *CLOSED_FORM)
-SAMPLE_STEPS = 12
-GUIDANCE = 4.0
 PRIOR_CAPTIONS = 500
 
 

@@ -1,0 +1,326 @@
+"""SPM membranes on a ComfyUI MODEL and CLIP, with Facilitated Transport (FT) decided per sample.
+
+How the gates reach the layers, the same way on the old (2024) and the newest ComfyUI. Everything is a patch on
+clones (ModelPatcher object patches, which both versions set when a model is loaded and undo when another clone of
+it is), so no weight is ever written and the input MODEL and CLIP stay as they were:
+1. The returned CLIP is a clone whose ``encode_from_tokens`` (old CLIPTextEncode) and ``encode_from_tokens_scheduled``
+   (new CLIPTextEncode) record, per context row they return, a content hash → the prompt's token ids. Its
+   ``clone`` passes the recording on, so a CLIPSetLastLayer or LoRA loader after this node keeps it.
+2. An object patch on ``diffusion_model.forward`` sees the context exactly as the UNet layers do (one row per
+   sample: cond and uncond of CFG, several prompts, already cast to the model dtype). It gets each row's FT
+   strengths from a cache, computing them once per distinct row with `spm.transport_strengths` (token overlap from
+   the record; clipcos alone, with one warning, for a row no recording CLIP produced).
+   Not a model_function_wrapper: that is one slot, which other packs set without chaining; it runs only under a
+   sampler (not for a direct apply_model); and packs such as tiled diffusion wrap it to call the UNet on slices of
+   the batch. The forward patch sits under every sampler-level wrapper, so its rows are the rows the layers get.
+3. An object patch on ``forward`` of every target Linear/Conv2d (attn1/attn2 to_q/k/v/out.0, ff.net.0.proj,
+   ff.net.2, proj_in, proj_out) returns ``base(x) + stack.delta(x, gates)``, i.e. for sample b
+   Σ_i g_i[b]·scale_i·U_i D_i x.
+
+A second loader on this node's outputs adds its membrane to the same set and replaces the patches, so FT and the
+"official" combination (which has cross terms) see every membrane of the chain. FT off with the "additive"
+combination is a plain LoRA: ComfyUI's own LoRA loading (its key map and weight patches), as LoraLoader does.
+
+Long prompts (several 77-token chunks): clipcos compares the first chunk (concepts are one chunk), the token
+overlap counts every chunk. Unlike infer_spm.py, which gates cond and uncond alike by the positive prompt, each
+sample is gated by its own context, as in the diffusers adapter.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..erasers.erasure import FamilyMismatchError
+from ..erasers.families import FAMILIES, UNetLayout, kv_family
+from ..erasers.spm import (Combine, Concepts, Membrane, MembraneStack, is_target, kohya_tensors, ldm_key,
+                           row_keys, stack_membranes, transport_strengths)
+from ..erasers.text import CONTEXT_TOKENS
+from .comfy_adapter import ComfyEncoder
+
+UNET_FORWARD = "diffusion_model.forward"  # object-patch key, relative to ModelPatcher.model
+_CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a model may cast the context to
+_CACHE_LIMIT = 100_000  # entries per cache; beyond it the cache starts afresh (a few MB)
+_LOG = logging.getLogger("erasekit")
+_RECORDS = "_erasekit_records_tokens"  # marks a CLIP whose encodings record their token ids
+_KV = ("attn2.to_k", "attn2.to_v")  # the layers whose input width is the text context's: the family
+
+
+# --- CLIP side: which token ids made a context ------------------------------------------------------------------
+
+
+def _ids(chunks) -> frozenset[int]:
+    """Token ids of ComfyUI tokens (chunks of (id, weight[, word id]) tuples); textual-inversion vectors, which
+    stand in the id's place, have no id."""
+    return frozenset(t[0] for chunk in chunks for t in chunk if isinstance(t[0], int))
+
+
+def token_set(clip, tokens: dict) -> frozenset[int]:
+    """T(p) of FT: the prompt's CLIP-L token ids (the only tower of SD1; SDXL's towers share the vocabulary)
+    without start, end and padding, which are exactly the ids of the empty prompt."""
+    key = "l" if "l" in tokens else next(iter(tokens))
+    return _ids(tokens[key]) - _ids(clip.tokenize("")[key])
+
+
+class _TokenRecord:
+    """Context-row hash → token ids, filled by recording CLIPs, read by every membrane set. Process-wide: a hash
+    names one context, whichever CLIP made it."""
+
+    def __init__(self) -> None:
+        self.ids: dict[bytes, frozenset[int]] = {}
+
+    def add(self, cond: Tensor, tokens: frozenset[int]) -> None:
+        if len(self.ids) > _CACHE_LIMIT:
+            self.ids.clear()
+        for dtype in _CAST_DTYPES:
+            self.ids.update((key, tokens) for key in row_keys(cond.detach().to(dtype)))
+
+    def find(self, row: Tensor) -> frozenset[int] | None:
+        """The token ids of one context row as the UNet gets it, or None for a context no recording CLIP made
+        (also one changed after encoding, e.g. by ConditioningConcat or ConditioningAverage)."""
+        length = row.shape[0]
+        # Batched with a longer prompt, ComfyUI repeats a context to the common length (CONDCrossAttn.concat).
+        for size in [length] + [n * CONTEXT_TOKENS for n in range(1, length // CONTEXT_TOKENS)]:
+            if length % size or (tokens := self.ids.get(row_keys(row[None, :size])[0])) is None:
+                continue
+            if torch.equal(row, row[:size].repeat(length // size, 1)):
+                return tokens
+        return None
+
+
+TOKEN_RECORD = _TokenRecord()
+
+
+def _encoded_conds(output) -> list[Tensor]:
+    """The context tensors in what encode_from_tokens (tensor, (cond, pooled) or dict) or
+    encode_from_tokens_scheduled (a CONDITIONING list) returns."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [output["cond"]]
+    if isinstance(output, tuple):
+        return [output[0]]
+    return [entry[0] for entry in output]
+
+
+def _recording(clip, encode: Callable) -> Callable:
+    @functools.wraps(encode)
+    def record(tokens, *args, **kwargs):
+        output = encode(tokens, *args, **kwargs)
+        ids = token_set(clip, tokens)
+        for cond in _encoded_conds(output):
+            TOKEN_RECORD.add(cond, ids)
+        return output
+
+    return record
+
+
+def _install_recording(clip) -> None:
+    """Wrap this CLIP instance's encoders, and its clone so that clones record too (CLIP.clone builds a fresh
+    object, without instance attributes)."""
+    setattr(clip, _RECORDS, True)
+    for name in ("encode_from_tokens", "encode_from_tokens_scheduled"):  # the latter: new ComfyUI only
+        if hasattr(clip, name):
+            setattr(clip, name, _recording(clip, getattr(clip, name)))
+    clone = clip.clone
+
+    def recording_clone():
+        copy = clone()
+        _install_recording(copy)
+        return copy
+
+    clip.clone = recording_clone
+
+
+def recording_clip(clip):
+    """A clone of `clip` (sharing its text encoder) whose prompt encodings record their token ids for FT."""
+    copy = clip.clone()
+    if not getattr(copy, _RECORDS, False):  # a recording CLIP's clones record already
+        _install_recording(copy)
+    return copy
+
+
+# --- MODEL side -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    membrane: Membrane
+    strength: float
+    ft: bool
+
+
+class _MembraneSet:
+    """The gated membranes of one MODEL (every loader of a chain), their FT cache and the gates of the UNet call
+    that is running."""
+
+    def __init__(self, entries: list[_Entry], combine: Combine, concepts: Concepts | None):
+        self.entries, self.combine, self.concepts = entries, combine, concepts
+        self.stacks = stack_membranes([e.membrane for e in entries], combine)
+        self.strengths = torch.tensor([e.strength for e in entries], dtype=torch.float32)
+        self.ft = torch.tensor([e.ft for e in entries])
+        self.cache: dict[bytes, Tensor] = {}
+        self.current: Tensor | None = None
+        self.warned = False
+
+    def gates(self, context: Tensor) -> Tensor:
+        """Strengths [B, M] (float32, CPU) of each row of a UNet context: the loader's strength, times the row's
+        FT strength for membranes loaded with FT."""
+        if self.concepts is None:
+            return self.strengths.expand(context.shape[0], -1)
+        keys = row_keys(context)
+        new = {key: b for b, key in enumerate(keys) if key not in self.cache}
+        transported = {}
+        if new:
+            rows = context[list(new.values())]
+            tokens = [TOKEN_RECORD.find(row) for row in rows]
+            if None in tokens and not self.warned:
+                self.warned = True
+                _LOG.warning("SPM Facilitated Transport: a prompt context reached the UNet that the SPM loader's "
+                             "CLIP output did not encode (or that was changed after encoding, e.g. concatenated), so "
+                             "its token ids are unknown and it is gated by clipcos alone. Connect the loader's CLIP "
+                             "output to the text encode nodes.")
+            transported = dict(zip(new, transport_strengths(rows[:, :CONTEXT_TOKENS], tokens, self.concepts)))
+            if len(self.cache) > _CACHE_LIMIT:
+                self.cache.clear()
+            # A row without token ids is scored again next time: a recording CLIP may encode it meanwhile.
+            self.cache.update((key, value) for (key, value), ids in zip(transported.items(), tokens) if ids is not None)
+        ft = torch.stack([self.cache.get(key, transported.get(key)) for key in keys])
+        return torch.where(self.ft, ft, 1.0) * self.strengths
+
+
+class _GatedUNet:
+    """Object patch for ``diffusion_model.forward``: the gates of each sample, from its own context row, while the
+    UNet runs."""
+
+    def __init__(self, membranes: _MembraneSet, unet: nn.Module, foreign: Callable | None):
+        self.membranes = membranes
+        self.foreign = foreign  # another node's patch of the same forward, which this one wraps
+        self.inner = foreign or functools.partial(type(unet).forward, unet)
+
+    def __call__(self, x: Tensor, timesteps=None, context: Tensor | None = None, *args, **kwargs):
+        if context is None:
+            raise ValueError("SPM Facilitated Transport needs the text context of the UNet call; this model got none")
+        self.membranes.current = self.membranes.gates(context).to(x.device)
+        try:
+            return self.inner(x, timesteps, context, *args, **kwargs)
+        finally:
+            self.membranes.current = None
+
+
+class _GatedLayer:
+    """Object patch for a target module's ``forward``: its own output plus the membranes' delta, per sample."""
+
+    def __init__(self, membranes: _MembraneSet, path: str, module: nn.Module, foreign: Callable | None):
+        self.membranes, self.path = membranes, path
+        self.stack = membranes.stacks[path]
+        self.foreign = foreign
+        # The class's forward, not the attribute: while another clone is loaded, the attribute is its patch.
+        self.base = foreign or functools.partial(type(module).forward, module)
+        self.conv = ({"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+                     if isinstance(module, nn.Conv2d) else {})
+        self.cast: MembraneStack | None = None
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        gates = self.membranes.current
+        if gates is None:
+            raise RuntimeError(f"SPM membrane layer {self.path} ran outside a UNet call of its model: its gates come "
+                               f"from the loader's {UNET_FORWARD} patch, which a later node may have replaced")
+        if self.cast is None or (self.cast.down.device, self.cast.down.dtype) != (x.device, x.dtype):
+            self.cast = self.stack.to(x.device, x.dtype)
+        return self.base(x, *args, **kwargs) + self.cast.delta(x, gates, **self.conv)
+
+
+def _targets(model) -> dict[str, tuple[str, nn.Module]]:
+    """The modules SPM edits in a ComfyUI MODEL: diffusers path → (LDM module name, module)."""
+    unet = model.model.diffusion_model
+    layout = UNetLayout.from_ldm_keys(name for name, _ in unet.named_parameters())
+    out = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        try:
+            path = layout.to_diffusers(name)
+        except KeyError:  # outside the transformer blocks
+            continue
+        if is_target(path):
+            out[path] = (name, module)
+    return out
+
+
+def check_membrane(membrane: Membrane, targets: dict[str, tuple[str, nn.Module]]) -> None:
+    """FamilyMismatchError, naming a layer and the families, unless the membrane fits this model."""
+    shapes = {path: tuple(m.weight.shape) for path, (_, m) in targets.items()}
+    family = kv_family({path: shape for path, shape in shapes.items() if path.endswith(_KV)}).name
+    if membrane.family != family:
+        path = next(p for p in membrane.layers if p.endswith(_KV))
+        raise FamilyMismatchError(
+            f"this SPM membrane is for {FAMILIES[membrane.family].label} (its layer {path} reads a "
+            f"{membrane.layers[path].weight_shape[1]}-wide text context) and cannot apply to a "
+            f"{FAMILIES[family].label} model (context width {FAMILIES[family].context_dim})")
+    membrane.check_targets(shapes)
+
+
+def _as_lora(model, membrane: Membrane, strength: float):
+    """FT off, additive: the file as a LoRA, loaded by ComfyUI itself (LoraLoaderModelOnly's function)."""
+    import comfy.sd
+
+    clone = comfy.sd.load_lora_for_models(model, None, kohya_tensors(membrane), strength, 0)[0]
+    layout = UNetLayout.from_ldm_keys(name for name, _ in model.model.diffusion_model.named_parameters())
+    expected = {ldm_key(path, layout) for path in membrane.layers}
+    patched = {key for key, patches in clone.patches.items() if len(patches) > len(model.patches.get(key, ()))}
+    if patched != expected:
+        missing = sorted(expected - patched)
+        raise FamilyMismatchError(f"ComfyUI's LoRA loader did not map {len(missing)} membrane layers onto this "
+                                  f"model, e.g. {missing[:1]}")
+    return clone
+
+
+def _gated_set(model) -> _GatedUNet | None:
+    patch = model.object_patches.get(UNET_FORWARD)
+    return patch if isinstance(patch, _GatedUNet) else None
+
+
+def apply_membrane(model, clip, membrane: Membrane, strength: float = 1.0, ft: bool = True,
+                   combine: Combine = "additive"):
+    """(MODEL, CLIP) clones with `membrane` added to the model's membrane set; the inputs are untouched."""
+    if combine not in ("additive", "official"):
+        raise ValueError(f"unknown combine {combine!r}: additive or official")
+    targets = _targets(model)
+    check_membrane(membrane, targets)
+    out_clip = recording_clip(clip)
+    if not ft and combine == "additive":  # independent of the other membranes: a static weight patch
+        return _as_lora(model, membrane, strength), out_clip
+    previous = _gated_set(model)
+    if previous is not None and previous.membranes.combine != combine:
+        raise ValueError(f"this loader combines membranes {combine!r} but the SPM loaders before it on this MODEL "
+                         f"chose {previous.membranes.combine!r}; a chain's membranes form one set: choose one")
+    entries = (previous.membranes.entries if previous else []) + [_Entry(membrane, float(strength), bool(ft))]
+    concepts = None
+    if any(e.ft for e in entries):
+        # Encoded with this loader's CLIP, as the prompts will be; earlier membranes' concepts are encoded again.
+        concepts = Concepts.encode([e.membrane for e in entries], ComfyEncoder(clip),
+                                   lambda texts: [token_set(clip, clip.tokenize(t)) for t in texts])
+    membranes = _MembraneSet(entries, combine, concepts)
+    out = model.clone()
+    unet_patch = previous.foreign if previous else out.object_patches.get(UNET_FORWARD)
+    out.add_object_patch(UNET_FORWARD, _GatedUNet(membranes, model.model.diffusion_model, unet_patch))
+    for path in membranes.stacks:
+        name, module = targets[path]
+        key = f"diffusion_model.{name}.forward"
+        existing = out.object_patches.get(key)
+        foreign = existing.foreign if isinstance(existing, _GatedLayer) else existing
+        out.add_object_patch(key, _GatedLayer(membranes, path, module, foreign))
+    return out, out_clip
+
+
+def membrane_gates(model, context: Tensor) -> Tensor:
+    """The strengths [B, M] the model's gated membranes (in loading order) apply to each row of a UNet context."""
+    patch = _gated_set(model)
+    if patch is None:
+        raise ValueError("this MODEL has no gated SPM membranes (none loaded, or only FT-off additive ones)")
+    return patch.membranes.gates(context)
