@@ -80,6 +80,17 @@ def tensor_targets(projected_keys: torch.Tensor, projected_guides: torch.Tensor,
     return torch.cat(out, dim=1)
 
 
+def _thin_product(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """weight @ columns for a thin right side. MKL's sgemm takes 2-4× longer for 2 to 15 columns than for 16 (SDXL's
+    140 K/V weights times 10 columns: 0.27-0.53 s, times 16: 0.18-0.20 s, on 2 AVX2 cores), so those are padded
+    with zero columns to 16; one column stays a matrix-vector product."""
+    m = columns.shape[1]
+    if 1 < m < 16:
+        padded = torch.cat([columns, columns.new_zeros(columns.shape[0], 16 - m)], dim=1)
+        return (weight @ padded)[:, :m]
+    return weight @ columns
+
+
 class KVEdit:
     """Cross-attention K/V weights of one context width and an accumulated low-rank edit ΔWₗ = Aₗ S.
 
@@ -106,7 +117,7 @@ class KVEdit:
     def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """W′ xᵀ for the current (edited) weight: x is m×n, the result d×m."""
         x = x.double()
-        return (self.base[name] @ x.T.float()).double() + self.ups[name] @ (self.down @ x.T)
+        return _thin_product(self.base[name], x.T.float()).double() + self.ups[name] @ (self.down @ x.T)
 
     def add(self, ups: Mapping[str, torch.Tensor], down: torch.Tensor) -> None:
         for name, up in ups.items():
