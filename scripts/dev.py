@@ -65,8 +65,8 @@ def main(argv: list[str]) -> int:
     python = ensure_env()
     bin_dir = python.parent
     if argv[0] == "demo":
-        # Until the shapes-world demo exists, the main job is the self-check: a real ComfyUI with the pack.
-        cmd = [str(bin_dir / "erasekit"), "selfcheck", *argv[1:]]
+        # The main job: erase a concept from the shipped shapes-world model with every method (grid + metrics).
+        cmd = [str(bin_dir / "erasekit"), "demo", *(argv[1:] or ["--out", str(ROOT / "erasekit-demo")])]
     else:
         # The pytest script, not `python -m pytest`: -m would put the repository root on sys.path, where its
         # `nodes/` package would shadow ComfyUI's `nodes` module in the in-process tests.

@@ -45,8 +45,9 @@ Files: {size_mb:.1f} MB of safetensors in diffusers/transformers folder layout; 
 
 ## Training
 
-Command: `python -m erasekit.erasers.shapes.train --out RUN --steps {summary['target_steps']} --lr {summary['lr']} --minutes 105 --export weights/shapes-world`
-(resumable: rerun the same command after an interruption).
+Command: `python -m erasekit.erasers.shapes.train --out RUN --steps {summary['steps']} --lr {summary['lr']} --export weights/shapes-world`
+(resumable: rerun the same command after an interruption; batch s is a pure function of (seed, s), so a resumed
+run gives the weights of an uninterrupted one).
 
 | seed | steps | batch | lr (warm-up) | EMA | wall time | final loss (EMA of per-step loss) | machine |
 |---|---|---|---|---|---|---|---|
@@ -65,8 +66,22 @@ sampler steps, guidance {model.GUIDANCE}; judged by the shapes-world classifier 
 |---|---|---|---|
 | {pct('shape_acc')} | {pct('color_acc')} | {pct('pattern_acc')} | {pct('stamp_rate')} |
 
+Targets (issue "Shapes world"): shape ≥ 90%, colour ≥ 90%, pattern ≥ 80%, stamp rate within 5 points of the
+training rate. {_verdict(quality)}
+
 Reproduce with `erasekit eval --methods original --out DIR` (its "base quality" line).
 """
+
+
+TARGETS = {"shape_acc": 0.90, "color_acc": 0.90, "pattern_acc": 0.80}
+
+
+def _verdict(quality: dict) -> str:
+    missed = [f"{k.removesuffix('_acc')} ({100 * quality[k]:.1f}% < {100 * t:.0f}%)"
+              for k, t in TARGETS.items() if quality[k] < t]
+    if abs(quality["stamp_rate"] - data.STAMP_RATE) > 0.05:
+        missed.append(f"stamp rate ({100 * quality['stamp_rate']:.1f}% vs {100 * data.STAMP_RATE:.0f}%)")
+    return "Missed: " + "; ".join(missed) + "." if missed else "All met."
 
 
 def main(argv=None) -> None:

@@ -105,17 +105,21 @@ def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concep
 
 
 HEADER = (f"{'concept':10s} {'method':9s} {'efficacy↓':>9s} {'generality↓':>11s} {'specificity↑':>12s} "
-          f"{'shape':>6s} {'colour':>6s} {'pattern':>7s} {'stamp':>6s} {'n':>4s}")
+          f"{'shape':>6s} {'colour':>6s} {'pattern':>7s} {'stamp':>6s} {'imgs':>4s}")
 
 
 def _pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+def _images(row: dict) -> int:
+    return sum(row["n"].values())
+
+
 def format_row(row: dict) -> str:
     return (f"{row['concept']:10s} {row['method']:9s} {_pct(row['efficacy']):>9s} {_pct(row['generality']):>11s} "
             f"{_pct(row['specificity']):>12s} {_pct(row['shape_acc']):>6s} {_pct(row['color_acc']):>6s} "
-            f"{_pct(row['pattern_acc']):>7s} {_pct(row['stamp_rate']):>6s} {row['n']:>4d}")
+            f"{_pct(row['pattern_acc']):>7s} {_pct(row['stamp_rate']):>6s} {_images(row):>4d}")
 
 
 def format_quality(q: dict) -> str:
@@ -125,12 +129,12 @@ def format_quality(q: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| concept | method | efficacy ↓ | generality ↓ | specificity ↑ | shape | colour | pattern | stamp rate | n |",
+    lines = ["| concept | method | efficacy ↓ | generality ↓ | specificity ↑ | shape | colour | pattern | stamp rate | images |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['concept']} | {r['method']} | {_pct(r['efficacy'])} | {_pct(r['generality'])} | "
                      f"{_pct(r['specificity'])} | {_pct(r['shape_acc'])} | {_pct(r['color_acc'])} | "
-                     f"{_pct(r['pattern_acc'])} | {_pct(r['stamp_rate'])} | {r['n']} |")
+                     f"{_pct(r['pattern_acc'])} | {_pct(r['stamp_rate'])} | {_images(r)} |")
     return "\n".join(lines)
 
 
