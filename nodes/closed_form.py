@@ -10,23 +10,16 @@ from ..erasers.concept_data import coco_captions
 from ..erasers import official
 from ..erasers.erasure import Erasure
 from ..erasers.families import kv_family
-from .comfy_adapter import ATTENTION, ComfyEncoder, apply_erasure, kv_weights, unet_weights
+from .comfy_adapter import ATTENTION, ComfyEncoder, apply_erasure, kv_weights, models_folder, unet_weights
 
 CATEGORY = "EraseKit"
 FOLDER = "erasers"
 
 
 def erasers_folder() -> str:
-    """Register models/erasers (keeping paths extra_model_paths.yaml added) and return its first directory."""
-    import folder_paths
-
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths = folder_paths.folder_names_and_paths[FOLDER][0]
-    else:
-        paths = [os.path.join(folder_paths.models_dir, FOLDER)]
+    """Register models/erasers and return its first directory."""
     # Official releases too: UCE .safetensors, UCE-2023/RECE .pt, a TRCE folder's diffusion_pytorch_model file.
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors", ".pt", ".pth", ".bin", ".ckpt"})
-    return paths[0]
+    return models_folder(FOLDER, {".safetensors", ".pt", ".pth", ".bin", ".ckpt"})
 
 
 def load_any_erasure(path: str, model) -> Erasure:

@@ -5,6 +5,7 @@ patch form both versions apply identically): a clone shares its weight tensors w
 """
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -12,6 +13,20 @@ import torch
 from ..erasers.erasure import Erasure
 from ..erasers.families import FamilyError, UNetLayout, kv_family
 from ..erasers.text import CONTEXT_TOKENS, WORD_WINDOW, Encoded, warn_truncated
+
+
+def models_folder(name: str, extensions: set[str]) -> str:
+    """Register models/<name> for these file extensions (keeping paths extra_model_paths.yaml added) and return
+    its first directory."""
+    import folder_paths
+
+    if name in folder_paths.folder_names_and_paths:
+        paths = folder_paths.folder_names_and_paths[name][0]
+    else:
+        paths = [os.path.join(folder_paths.models_dir, name)]
+    folder_paths.folder_names_and_paths[name] = (paths, extensions)
+    return paths[0]
+
 
 _KV = re.compile(r"^diffusion_model\.(.+\.attn2\.to_[kv]\.weight)$")
 # Every attention parameter inside the transformer blocks: what official TRCE releases edit besides K/V.

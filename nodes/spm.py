@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ..erasers.spm import Membrane, load_membrane
+from .comfy_adapter import models_folder
 from .membrane_adapter import apply_membrane
 
 CATEGORY = "EraseKit"
@@ -12,15 +13,8 @@ FOLDER = "spm"
 
 
 def spm_folder() -> str:
-    """Register models/spm (keeping paths extra_model_paths.yaml added) and return its first directory."""
-    import folder_paths
-
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths = folder_paths.folder_names_and_paths[FOLDER][0]
-    else:
-        paths = [os.path.join(folder_paths.models_dir, FOLDER)]
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, {".safetensors"})
-    return paths[0]
+    """Register models/spm and return its first directory."""
+    return models_folder(FOLDER, {".safetensors"})
 
 
 # --- node -------------------------------------------------------------------------------------------------------
