@@ -57,6 +57,11 @@ class MembraneFileError(ErasureFileError):
     """An SPM file is missing, corrupt, or not in the official layout."""
 
 
+class MissingConceptsError(MembraneFileError):
+    """An SPM file has no ``prompts`` metadata and no concepts were given: Facilitated Transport has nothing to
+    compare prompts with."""
+
+
 # --- names ------------------------------------------------------------------------------------------------------
 
 
@@ -183,7 +188,7 @@ def load_membrane(path: str | Path, concepts: Sequence[str] | None = None) -> Me
                                 "(lora_unet_<layer>.lora_down.weight / .lora_up.weight / .alpha)")
     if concepts is None:
         if not meta.get("prompts"):
-            raise MembraneFileError(f"{path}: no 'prompts' metadata naming the erased concepts, which Facilitated "
+            raise MissingConceptsError(f"{path}: no 'prompts' metadata naming the erased concepts, which Facilitated "
                                     "Transport needs; pass them explicitly: load_membrane(path, concepts=[...])")
         concepts = meta["prompts"].split(",")  # as infer_spm.py splits them: no stripping
     layers = {}

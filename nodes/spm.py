@@ -3,8 +3,9 @@ membrane_adapter.py)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from ..erasers.spm import Membrane, load_membrane
+from ..erasers.spm import Membrane, MissingConceptsError, load_membrane
 from .comfy_adapter import models_folder
 from .membrane_adapter import apply_membrane
 
@@ -31,7 +32,7 @@ class LoadMembrane:
     RETURN_NAMES = ("model", "clip")
 
     def __init__(self) -> None:
-        self.loaded: tuple[str, float, Membrane] | None = None  # like LoraLoader: the last file read
+        self.loaded: tuple[tuple, Membrane] | None = None  # like LoraLoader: the last file read, and how
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -50,7 +51,11 @@ class LoadMembrane:
                 "combine": (["additive", "official"], {"default": "additive", "tooltip": "How the membranes of a "
                             "chain add up: 'additive' sums them; 'official' reproduces infer_spm.py (factors "
                             "scaled and summed: cross terms, and strength²)."}),
-            }
+            },
+            "optional": {
+                "concepts": ("STRING", {"default": "", "tooltip": "The concepts the membrane erases, comma-separated, "
+                             "for FT. Empty: the file's 'prompts' metadata (files without it need this)."}),
+            },
         }
 
     @classmethod
@@ -61,17 +66,30 @@ class LoadMembrane:
         path = folder_paths.get_full_path(FOLDER, membrane_name)
         return os.path.getmtime(path) if path else ""
 
-    def load(self, model, clip, membrane_name, strength, facilitated_transport=True, combine="additive"):
+    def load(self, model, clip, membrane_name, strength, facilitated_transport=True, combine="additive", concepts=""):
         import folder_paths
 
         spm_folder()
         path = folder_paths.get_full_path(FOLDER, membrane_name)
         if path is None:
             raise FileNotFoundError(f"no SPM membrane {membrane_name!r} in models/{FOLDER}")
-        mtime = os.path.getmtime(path)
-        if self.loaded is None or self.loaded[:2] != (path, mtime):
-            self.loaded = (path, mtime, load_membrane(path))
-        return apply_membrane(model, clip, self.loaded[2], strength, facilitated_transport, combine)
+        key = (path, os.path.getmtime(path), concepts, facilitated_transport)
+        if self.loaded is None or self.loaded[0] != key:
+            self.loaded = (key, _read(path, concepts, facilitated_transport))
+        return apply_membrane(model, clip, self.loaded[1], strength, facilitated_transport, combine)
+
+
+def _read(path: str, concepts: str, ft: bool) -> Membrane:
+    names = [c.strip() for c in concepts.split(",") if c.strip()] or None
+    try:
+        return load_membrane(path, names)
+    except MissingConceptsError:
+        if ft:
+            raise MissingConceptsError(
+                f"{Path(path).name} does not say which concepts it erases (no 'prompts' metadata), and Facilitated "
+                "Transport needs them: type them into this node's 'concepts' input (comma-separated), or turn "
+                "facilitated_transport off to apply it as a plain LoRA") from None
+        return load_membrane(path, [Path(path).stem])  # FT off never compares prompts with the concepts
 
 
 NODE_CLASS_MAPPINGS = {"EraseKitLoadMembrane": LoadMembrane}

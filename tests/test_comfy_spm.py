@@ -172,6 +172,57 @@ def test_ft_gates_each_sample_of_one_batch_by_its_own_prompt(loaded, membranes, 
     _assert_rows_close(out, _per_sample_reference(model, [membranes["circle"]], gates, context))
 
 
+def test_a_prompt_list_batch_samples_each_prompt_as_if_alone(comfy, loaded, spm_folder):
+    """ComfyUI's sampler on one conditioning that stacks a prompt per sample (what a prompt list makes), CFG
+    included: each sample ends at the latents of its prompt sampled alone from that sample's noise."""
+    import comfy.sample
+
+    model, clip = loaded
+    gated, gated_clip = _load(model, clip, "circle.safetensors")
+    prompts, negative = _encode(gated_clip, PROMPTS[:2]), _encode(gated_clip, [""])
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def sample(patched, context, rows):
+        with torch.inference_mode():
+            return comfy.sample.sample(patched, noise[rows], 3, 7.0, "euler", "normal", [[context, {}]],
+                                       [[negative, {}]], torch.zeros_like(noise[rows]), seed=0).float()
+
+    def distance(a, b):  # the random tiny model's latents are far from unit scale: relative to their RMS
+        return ((a - b).abs().max() / b.pow(2).mean().sqrt()).item()
+
+    batch = sample(gated, prompts, slice(0, 2))
+    alone = torch.cat([sample(gated, prompts[b:b + 1], slice(b, b + 1)) for b in range(2)])
+    assert distance(batch, alone) <= 1e-3
+    # Not trivially equal: the membrane moves the concept's sample, and the other sample's own (partial) gate
+    # gives other latents than the full membrane would.
+    plain = sample(model, prompts, slice(0, 2))
+    static, _ = _load(model, clip, "circle.safetensors", ft=False)
+    assert distance(alone[0], plain[0]) > 1e-2
+    assert distance(alone[1], sample(static, prompts[1:2], slice(1, 2))[0]) > 1e-2
+
+
+def test_concepts_input_for_files_without_prompts(loaded, membranes, spm_folder):
+    from erasekit.erasers.spm import MissingConceptsError
+    from erasekit.nodes.membrane_adapter import membrane_gates
+
+    model, clip = loaded
+    tensors = spm.kohya_tensors(membranes["circle"])
+    save_file(tensors, str(spm_folder / "unnamed.safetensors"), OFFICIAL_META)  # no "prompts"
+    with pytest.raises(MissingConceptsError, match=r"unnamed\.safetensors does not say .*'concepts' input"):
+        _load(model, clip, "unnamed.safetensors")
+    reference, reference_clip = _load(model, clip, "circle.safetensors")
+    context = _encode(reference_clip, PROMPTS)
+    with torch.inference_mode():
+        typed, _ = erasekit.NODE_CLASS_MAPPINGS[NODE]().load(model, clip, "unnamed.safetensors", 1.0, True,
+                                                             "additive", concepts=" circle ")
+        renamed, _ = erasekit.NODE_CLASS_MAPPINGS[NODE]().load(model, clip, "circle.safetensors", 1.0, True,
+                                                               "additive", concepts="square, star")
+    assert torch.equal(membrane_gates(typed, context), membrane_gates(reference, context))
+    assert membrane_gates(renamed, _encode(reference_clip, ["a blue square"]))[0, 0] == 1.0  # overrides the file
+    plain_lora, _ = _load(model, clip, "unnamed.safetensors", ft=False)  # FT off needs no concepts
+    assert plain_lora.object_patches == model.object_patches and plain_lora.patches
+
+
 def test_a_sampler_scores_each_distinct_prompt_once(comfy, loaded, spm_folder, monkeypatch, caplog):
     """A prompt list's conditioning (one prompt per batch item) and the empty negative, sampled by KSampler's code."""
     import nodes
@@ -322,6 +373,50 @@ def test_wrong_family_shape_and_corrupt_files(loaded, spm_folder):
 
 
 # --- 6. a real server ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_trained_membrane_loads_in_comfyuis_lora_loader(comfy_server, tiny_checkpoint, tmp_path):
+    """Our trainer's file in ComfyUI's own LoraLoader, in a real server: every key is taken and the latents move."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from erasekit.erasers.shapes.model import build_tokenizer
+    from erasekit.erasers.spm_train import SPMTrainConfig, train_spm
+    from erasekit.erasers.tiny_models import build_tiny_sd15_models
+
+    models = build_tiny_sd15_models(seed=0)  # the tiny checkpoint's weights, as diffusers modules
+    pipe = StableDiffusionPipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=build_tokenizer(),
+                                   unet=models.unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    config = SPMTrainConfig(iterations=2, ddim_steps=3, warmup=0, lr=1e-2, checkpoint_every=0, resolution=64,
+                            dynamic_resolution=False)
+    train_spm(pipe, "circle", config=config, out=comfy_server.models_dir / "loras" / "trained-circle.safetensors")
+
+    def branch(model: list, prefix: str, node: int) -> dict:
+        return {
+            str(node): {"class_type": "KSampler", "inputs": {
+                "model": model, "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "seed": 0,
+                "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            str(node + 1): {"class_type": "SaveLatent", "inputs": {"samples": [str(node), 0], "filename_prefix": prefix}},
+        }
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoint.name}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "strength_model": 20.0,
+                                                     "strength_clip": 1.0, "lora_name": "trained-circle.safetensors"}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red circle", "clip": ["1", 1]}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        **branch(["1", 0], "erasekit_base", 10), **branch(["2", 0], "erasekit_trained", 20),
+    }
+    log_before = comfy_server.client.log_tail(100_000)
+    comfy_server.client.run(prompt)
+    new_log = comfy_server.client.log_tail(100_000)[len(log_before):]
+    assert "lora key not loaded" not in new_log, new_log
+    latents = {prefix: load_file(str(next(comfy_server.output_dir.rglob(f"{prefix}_*.latent"))))["latent_tensor"]
+               for prefix in ("erasekit_base", "erasekit_trained")}
+    assert (latents["erasekit_trained"] - latents["erasekit_base"]).abs().max() > 1e-3
 
 
 @pytest.mark.slow

@@ -85,6 +85,10 @@ def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concep
     prior = None
     for concept in concepts:
         for method in method_names:
+            reason = methods.unavailable(method, concept.name)
+            if reason:
+                log(f"{concept.name:10s} {method:9s} skipped: {reason}")
+                continue
             start = time.time()
             if method == "trce" and prior is None:
                 from ..concept_edit import caption_prior
@@ -150,7 +154,7 @@ def run_demo(out: Path, concept: str = "circle", method_names: list[str] | None 
           f"{n} images per cell (erasekit eval runs 50)\n{HEADER}", flush=True)
     rows, cells = evaluate(pipe, judge, method_names, [concept], n, grid_rows=grid_rows,
                            log=lambda line: print(line, flush=True))
-    write_grid(out / "grid.png", grid_rows, method_names, cells)
+    write_grid(out / "grid.png", grid_rows, [m for m in method_names if m in cells], cells)
     result = {"concept": concept, "rows": rows, "grid_prompts": [p for _, p in grid_rows],
               "seconds": round(time.time() - start, 1)}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))

@@ -1,6 +1,7 @@
 """Every erasure the pack has, applied to the shapes world through the same code paths users call on Stable
 Diffusion: the closed-form methods compute an `Erasure` from the UNet's attn2 K/V weights and the model's own
-text encoder (concept_edit.erase) and attach it with the diffusers adapter.
+text encoder (concept_edit.erase) and attach it with the diffusers adapter; SPM attaches a shipped membrane
+(trained by `erasekit train-spm`, weights/shapes-spm) with per-sample Facilitated Transport.
 """
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .. import concept_edit, diffusers_adapter
+from .. import concept_edit, diffusers_adapter, spm, spm_diffusers
 from ..erasure import Erasure
 from . import data
-from .model import GUIDANCE, SAMPLE_STEPS, ShapesPipeline
+from .model import GUIDANCE, SAMPLE_STEPS, WEIGHTS_DIR, ShapesPipeline
 
 ORIGINAL = "original"
 CLOSED_FORM = ("uce", "rece", "trce")
-METHODS = (ORIGINAL, *CLOSED_FORM)
+SPM = "spm"
+METHODS = (ORIGINAL, *CLOSED_FORM, SPM)
 PRIOR_CAPTIONS = 500
+MEMBRANES_DIR = WEIGHTS_DIR.parent / "shapes-spm"
 
 
 class UnknownMethodError(ValueError):
@@ -47,12 +50,35 @@ def closed_form_erasure(pipe: ShapesPipeline, method: str, concept: str, prior=N
     return concept_edit.erase({k: v.detach() for k, v in kv.items()}, encode, "shapes", opts, prior=prior)
 
 
+def shipped_membranes() -> list[str]:
+    return sorted(p.stem for p in MEMBRANES_DIR.glob("*.safetensors"))
+
+
+def unavailable(method: str, concept: str) -> str | None:
+    """Why `method` cannot erase `concept` in this world, or None."""
+    if method == SPM and concept not in shipped_membranes():
+        return (f"no shipped SPM membrane for {concept!r} (shipped: {', '.join(shipped_membranes())}); train one: "
+                f"erasekit train-spm --target {concept} --out {concept}.safetensors")
+    return None
+
+
 @contextmanager
-def erased(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Iterator[Erasure | None]:
+def erased(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Iterator[Erasure | spm.Membrane | None]:
     """The pipeline with `method` erasing `concept` for the duration of the block; restored exactly after."""
     check_methods([method])
     if method == ORIGINAL:
         yield None
+        return
+    reason = unavailable(method, concept)
+    if reason:
+        raise UnknownMethodError(reason)
+    if method == SPM:
+        membrane = spm.load_membrane(MEMBRANES_DIR / f"{concept}.safetensors")
+        spm_diffusers.attach_membranes(pipe, [membrane])
+        try:
+            yield membrane
+        finally:
+            spm_diffusers.detach_membranes(pipe)
         return
     erasure = closed_form_erasure(pipe, method, concept, prior)
     diffusers_adapter.attach(pipe, erasure)
