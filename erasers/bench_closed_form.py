@@ -4,8 +4,8 @@ Everything runs on random weights of the real SD1.5 and SDXL K/V shapes (the cos
 only on the shapes), in float32 on whatever device torch uses by default here.
 
 The per-layer reference costs the same for every layer of a shape, plus a per-concept constant (RECE's n×n solve
-per concept), so it is timed on no layers and on every 8th layer and extrapolated to all layers: the full SDXL
-runs would take over an hour at 50 concepts.
+per concept), so it is timed on no layers and on every 8th layer of each shape and scaled to all layers: the full
+SDXL runs would take over an hour at 50 concepts.
 """
 from __future__ import annotations
 
@@ -35,12 +35,16 @@ def _time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
 
 def _reference_time(run: Callable[[dict[str, torch.Tensor]], object], weights: dict[str, torch.Tensor]) -> float:
     """Seconds `run` would take on all of `weights`: its per-concept part timed on no layers, its per-layer part on
-    every 8th layer and scaled to all (a difference of two noisy timings would amplify the noise instead)."""
-    names = list(weights)
-    subset = {name: weights[name] for name in names[::8]}
+    every 8th layer of each weight shape and scaled to that shape's count."""
     fixed = _time(lambda: run({}), 1, warmup=0)
-    sampled = _time(lambda: run(subset), 1, warmup=0)
-    return fixed + max(sampled - fixed, 0.0) * len(names) / len(subset)
+    by_shape: dict[tuple, list[str]] = {}
+    for name, w in weights.items():
+        by_shape.setdefault(tuple(w.shape), []).append(name)
+    total = fixed
+    for names in by_shape.values():
+        subset = {name: weights[name] for name in names[::8]}
+        total += max(_time(lambda: run(subset), 1, warmup=0) - fixed, 0.0) * len(names) / len(subset)
+    return total
 
 
 def _embeddings(rows: int, width: int, seed: int) -> torch.Tensor:

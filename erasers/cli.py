@@ -501,8 +501,9 @@ def _bench_closed_form(args: argparse.Namespace) -> int:
     """Print our closed-form edit times beside the per-layer dense reference, the read-once time and file sizes."""
     from .bench_closed_form import run_closed_form
 
-    print("UCE/RECE on random weights of the real K/V shapes; times are medians (references: one run); "
-          "RECE = UCE + 1 epoch.", flush=True)
+    print("UCE/RECE on random weights of the real K/V shapes; RECE = UCE + 1 epoch. Ours: medians; per-layer "
+          "references: one run on every 8th layer (plus one on none, for the per-concept part), scaled to all.",
+          flush=True)
     run_closed_form(tuple(args.family), tuple(args.concepts), args.repeats)
     return 0
 

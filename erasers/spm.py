@@ -334,9 +334,10 @@ class MembraneStack:
         return MembraneStack(self.down.to(device, dtype), self.up.to(device, dtype), self.owner.to(device),
                              self.scale.to(device, dtype), self.combine, self.count)
 
-    def delta(self, x: Tensor, strengths: Tensor, stride=1, padding=0, dilation=1) -> Tensor:
-        """ΔW applied to the module input `x` [B, …], sample b at strengths[b] ([B, M]; [1, M] for all samples).
-        Conv2d stride/padding/dilation are the base module's (the down conv copies them, the up conv is 1×1)."""
+    def add_to(self, output: Tensor, x: Tensor, strengths: Tensor, stride=1, padding=0, dilation=1) -> Tensor:
+        """`output` + ΔW applied to the module input `x` [B, …], sample b at strengths[b] ([B, M]; [1, M] for all
+        samples). `output` is the base module's result for `x`; Conv2d stride/padding/dilation are the base module's
+        (the down conv copies them, the up conv is 1×1)."""
         if strengths.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"strengths for {strengths.shape[0]} samples but a batch of {x.shape[0]}")
         conv = self.down.dim() == 4
@@ -348,8 +349,12 @@ class MembraneStack:
             ranks = h.shape[-1] // self.count
             y = (h.unflatten(-1, (self.count, ranks)) * m[..., None]).sum(-2)
             h = (m[..., None] * y[..., None, :]).flatten(-2) * self.scale
-        out = h @ self.up.T
-        return out.movedim(-1, 1) if conv else out
+        if conv:
+            return output + (h @ self.up.T).movedim(-1, 1)
+        # One GEMM that adds into a copy of `output`: the full-size delta is never written and read back, which
+        # was most of a membrane's cost (the rank-R products are small).
+        return torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]),
+                           self.up.T).view(output.shape)
 
     def dense(self, strengths: Tensor) -> Tensor:
         """The merged ΔW (shape of the base weight) at fixed strengths [M]."""

@@ -10,7 +10,7 @@ How the gates reach the layers:
    from a cache, computing them once per distinct context with `spm.transport_strengths` (clipcos from the row as
    received, the token overlap from the record; SDXL's rows are looked up by their CLIP-L part). The [B, M]
    strengths live on a shared state until the UNet call returns.
-3. A forward hook on every target module adds ``stack.delta(x, strengths)``, so one UNet call can mix samples with
+3. A forward hook on every target module adds ``ΔW·x`` at the strengths (``stack.add_to``), so one UNet call can mix samples with
    different gates: the uncond half of a CFG batch is gated by its own (negative) prompt.
 
 Unlike infer_spm.py, which gates the whole generation (cond and uncond) by the positive prompt's strength, each
@@ -133,7 +133,7 @@ class _LayerHook:
         x = args[0]
         if (self.stack.down.device, self.stack.down.dtype) != (x.device, x.dtype):
             self.stack = self.stack.to(x.device, x.dtype)
-        return output + self.stack.delta(x, strengths, **self.conv)
+        return self.stack.add_to(output, x, strengths, **self.conv)
 
 
 def _pipeline_encoder(pipe) -> Encoder:

@@ -265,7 +265,7 @@ class SPMTrainer:
             x = args[0]
             if (stack.down.device, stack.down.dtype) != (x.device, x.dtype):
                 stack = stack.to(x.device, x.dtype)
-            return output + stack.delta(x, self._strength, **self._conv.get(path, {}))
+            return stack.add_to(output, x, self._strength, **self._conv.get(path, {}))
         return hook
 
     def active(self, on: bool = True):

@@ -14,7 +14,7 @@ it is), so no weight is ever written and the input MODEL and CLIP stay as they w
    sampler (not for a direct apply_model); and packs such as tiled diffusion wrap it to call the UNet on slices of
    the batch. The forward patch sits under every sampler-level wrapper, so its rows are the rows the layers get.
 3. An object patch on ``forward`` of every target Linear/Conv2d (attn1/attn2 to_q/k/v/out.0, ff.net.0.proj,
-   ff.net.2, proj_in, proj_out) returns ``base(x) + stack.delta(x, gates)``, i.e. for sample b
+   ff.net.2, proj_in, proj_out) returns ``stack.add_to(base(x), x, gates)``, i.e. for sample b
    Σ_i g_i[b]·scale_i·U_i D_i x.
 
 A second loader on this node's outputs adds its membrane to the same set and replaces the patches, so FT and the
@@ -232,7 +232,7 @@ class _GatedLayer:
                                f"from the loader's {UNET_FORWARD} patch, which a later node may have replaced")
         if self.cast is None or (self.cast.down.device, self.cast.down.dtype) != (x.device, x.dtype):
             self.cast = self.stack.to(x.device, x.dtype)
-        return self.base(x, *args, **kwargs) + self.cast.delta(x, gates, **self.conv)
+        return self.cast.add_to(self.base(x, *args, **kwargs), x, gates, **self.conv)
 
 
 def _targets(model) -> dict[str, tuple[str, nn.Module]]:

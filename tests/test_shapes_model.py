@@ -19,7 +19,7 @@ def world():
 
 
 def test_shipped_model_draws_what_is_asked(world):
-    """Regression guard for the shipped weights (card: shape 66%, colour 99.7%, pattern 97%; chance 20/17/33%)."""
+    """Regression guard for the shipped weights (card: shape 80%, colour 100%, pattern 100%; chance 20/17/33%)."""
     pipe, judge = world
     asks = [a for a in [("circle", "red", "solid"), ("square", "blue", "striped"), ("star", "yellow", "dotted"),
                         ("triangle", "green", "solid")] for _ in range(4)]
@@ -47,6 +47,34 @@ def test_rece_erases_circle_and_detach_restores(world):
     assert np.array_equal(before, after)
     circle = data.SHAPES.index("circle")
     assert 2 * (judge(during).shape == circle).sum() <= (judge(before).shape == circle).sum()
+
+
+def test_spm_method_attaches_a_shipped_membrane_or_says_how_to_train_one(world, tmp_path, monkeypatch):
+    import torch
+
+    from erasekit.erasers import spm
+    from erasekit.erasers.shapes import methods
+    from erasekit.erasers.spm_diffusers import membrane_targets
+
+    pipe, _ = world
+    monkeypatch.setattr(methods, "MEMBRANES_DIR", tmp_path)
+    assert "erasekit train-spm --target circle" in methods.unavailable("spm", "circle")
+    with pytest.raises(methods.UnknownMethodError, match="no shipped SPM membrane for 'circle'"):
+        with methods.erased(pipe, "spm", "circle"):
+            pass
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for path, module in membrane_targets(pipe).items():
+        shape = module.weight.shape
+        down = torch.randn(1, *shape[1:], generator=g) / shape[1:].numel() ** 0.5
+        layers[path] = spm.MembraneLayer(down, torch.randn(shape[0], 1, *(1,) * (len(shape) - 2), generator=g), 1.0)
+    spm.save_membrane(spm.Membrane(layers, ["circle"], 1.0), tmp_path / "circle.safetensors")
+    prompts, seeds = [data.prompt("circle", "red", "solid"), data.prompt("square", "blue", "solid")], [0, 1]
+    before = pipe(prompts, seeds)
+    with methods.erased(pipe, "spm", "circle") as membrane:
+        during = pipe(prompts, seeds)
+    assert membrane.concepts == ["circle"] and not np.array_equal(during[0], before[0])
+    assert np.array_equal(pipe(prompts, seeds), before)
 
 
 @pytest.mark.slow

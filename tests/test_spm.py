@@ -274,13 +274,15 @@ def test_additive_and_official_combinations_against_direct_computation():
 
 @pytest.mark.parametrize("combine", ["additive", "official"])
 def test_per_sample_delta_equals_the_dense_delta_at_each_samples_strength(combine):
+    """add_to(output, x) = output + ΔW·x with each sample's own strengths."""
     membranes = [_factor_membrane(1, alpha=1.0), _factor_membrane(2, alpha=2.0)]
     stacks = spm.stack_membranes(membranes, combine)
     strengths = torch.tensor([[0.9, 0.1], [0.2, 0.6]])
     g = torch.Generator().manual_seed(3)
     x_conv, x_lin = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 77, 768, generator=g)
-    conv = stacks[PROJ_IN].delta(x_conv, strengths, padding=1)
-    lin = stacks[TO_K].delta(x_lin, strengths)
+    base_conv, base_lin = torch.randn(2, 8, 5, 5, generator=g), torch.randn(2, 77, 8, generator=g)
+    conv = stacks[PROJ_IN].add_to(base_conv, x_conv, strengths, padding=1) - base_conv
+    lin = stacks[TO_K].add_to(base_lin, x_lin, strengths) - base_lin
     for i in range(2):
         dense = spm.merged_deltas(membranes, strengths[i].tolist(), combine)
         torch.testing.assert_close(conv[i], F.conv2d(x_conv[i:i + 1], dense[PROJ_IN], padding=1)[0],
