@@ -30,8 +30,11 @@ def test_shipped_model_draws_what_is_asked(world):
              for k, (kind, names) in enumerate([("shape", data.SHAPES), ("color", data.COLORS),
                                                 ("pattern", data.PATTERNS)])}
     assert right["color"] >= 15 and right["pattern"] >= 13 and right["shape"] >= 8, right
+    # Each image depends on its own seed only, up to float rounding: CPU GEMMs round differently with the batch
+    # size and thread count (measured: 1 thread vs 2 moves 0.02% of the pixels by 1).
     again = pipe([data.prompt(*a) for a in asks[:2]], seeds=[0, 1])
-    assert np.array_equal(again, images[:2])  # each image depends on its own seed only
+    change = np.abs(again.astype(int) - images[:2])
+    assert change.max() <= 3 and (change > 0).mean() < 0.01
 
 
 def test_rece_erases_circle_and_detach_restores(world):
