@@ -19,10 +19,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .spm import Membrane, MembraneLayer, stack_membranes
+from .spm import stack_membranes
 from .spm_diffusers import attach_membranes, detach_membranes, membrane_gates, membrane_targets
 from .text import TransformersEncoder
-from .tiny_models import CLIP_L_TEXT_CONFIG, SD15_UNET_CONFIG, TINY_SD15_UNET_CONFIG
+from .tiny_models import CLIP_L_TEXT_CONFIG, SD15_UNET_CONFIG, TINY_SD15_UNET_CONFIG, random_membranes
 
 # tiny-sd15: SD1.5's widths and 768-wide context on two levels (107 M parameters, the CPU default); sd15: the full
 # 860 M-parameter UNet (for a GPU).
@@ -46,22 +46,6 @@ def _texts(concepts: Sequence[str], images: int) -> list[str]:
         style = _STYLES[j % len(_STYLES)]
         texts += [f"a {style} of a {concepts[j % len(concepts)]}", f"a {style} of nothing"]
     return texts
-
-
-def _random_membranes(targets: dict[str, torch.nn.Module], concepts: Sequence[str], seed: int = 0) -> list[Membrane]:
-    """One rank-1 membrane (α = 1, as official SPM files are) per concept on every target module."""
-    g = torch.Generator().manual_seed(seed)
-    membranes = []
-    for concept in concepts:
-        layers = {}
-        for path, module in targets.items():
-            shape = module.weight.shape
-            # Fan-in scaled, small: the membranes change every output but keep float16 runs finite.
-            down = torch.randn(1, *shape[1:], generator=g) / shape[1:].numel() ** 0.5
-            up = 0.1 * torch.randn(shape[0], 1, *(1,) * (len(shape) - 2), generator=g)
-            layers[path] = MembraneLayer(down, up, 1.0)
-        membranes.append(Membrane(layers, [concept], 1.0))
-    return membranes
 
 
 def _text_side():
@@ -113,7 +97,7 @@ class _Bench:
         self.encode = TransformersEncoder([tokenizer], [text_encoder])
         self.targets = membrane_targets(self.unet)
         self.concepts = _concepts(max(max_membranes, 1))
-        self.membranes = _random_membranes(self.targets, self.concepts)
+        self.membranes = random_membranes(self.targets, self.concepts)
         self.originals = {path: module.weight.detach().clone() for path, module in self.targets.items()}
 
     def step(self, x: Tensor, context: Tensor) -> Tensor:

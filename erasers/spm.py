@@ -188,8 +188,9 @@ def load_membrane(path: str | Path, concepts: Sequence[str] | None = None) -> Me
                                 "(lora_unet_<layer>.lora_down.weight / .lora_up.weight / .alpha)")
     if concepts is None:
         if not meta.get("prompts"):
-            raise MissingConceptsError(f"{path}: no 'prompts' metadata naming the erased concepts, which Facilitated "
-                                    "Transport needs; pass them explicitly: load_membrane(path, concepts=[...])")
+            raise MissingConceptsError(f"{path}: no 'prompts' metadata naming the erased concepts, which "
+                                       "Facilitated Transport needs; pass them explicitly: "
+                                       "load_membrane(path, concepts=[...])")
         concepts = meta["prompts"].split(",")  # as infer_spm.py splits them: no stripping
     layers = {}
     for name in names:
@@ -331,6 +332,9 @@ class MembraneStack:
     count: int  # membranes M (some may not edit this module)
 
     def to(self, device, dtype: torch.dtype) -> "MembraneStack":
+        """On `device` in `dtype`; itself when it already is, as Tensor.to (the hooks call this on every forward)."""
+        if (self.down.device, self.down.dtype) == (torch.device(device), dtype):
+            return self
         return MembraneStack(self.down.to(device, dtype), self.up.to(device, dtype), self.owner.to(device),
                              self.scale.to(device, dtype), self.combine, self.count)
 

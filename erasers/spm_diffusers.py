@@ -10,8 +10,8 @@ How the gates reach the layers:
    from a cache, computing them once per distinct context with `spm.transport_strengths` (clipcos from the row as
    received, the token overlap from the record; SDXL's rows are looked up by their CLIP-L part). The [B, M]
    strengths live on a shared state until the UNet call returns.
-3. A forward hook on every target module adds ``ΔW·x`` at the strengths (``stack.add_to``), so one UNet call can mix samples with
-   different gates: the uncond half of a CFG batch is gated by its own (negative) prompt.
+3. A forward hook on every target module adds ``ΔW·x`` at the strengths (``stack.add_to``), so one UNet call can
+   mix samples with different gates: the uncond half of a CFG batch is gated by its own (negative) prompt.
 
 Unlike infer_spm.py, which gates the whole generation (cond and uncond) by the positive prompt's strength, each
 sample here gets the strength of its own context.
@@ -131,8 +131,7 @@ class _LayerHook:
             raise RuntimeError(f"{self.path} ran outside a UNet call: Facilitated Transport has no context to gate "
                                "its SPM membrane")
         x = args[0]
-        if (self.stack.down.device, self.stack.down.dtype) != (x.device, x.dtype):
-            self.stack = self.stack.to(x.device, x.dtype)
+        self.stack = self.stack.to(x.device, x.dtype)
         return self.stack.add_to(output, x, strengths, **self.conv)
 
 

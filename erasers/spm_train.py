@@ -263,8 +263,7 @@ class SPMTrainer:
                 return None
             stack = MembraneStack(self.down[path], self.up[path], self._owner, self._scale, "additive", 1)
             x = args[0]
-            if (stack.down.device, stack.down.dtype) != (x.device, x.dtype):
-                stack = stack.to(x.device, x.dtype)
+            stack = stack.to(x.device, x.dtype)
             return stack.add_to(output, x, self._strength, **self._conv.get(path, {}))
         return hook
 

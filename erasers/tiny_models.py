@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from .checkpoints import checkpoint_from_diffusers, write_checkpoint
 from .families import UNetLayout
+
+if TYPE_CHECKING:
+    from .spm import Membrane
 
 # diffusers UNet2DConditionModel configurations. attention_head_dim is, for SD1.x, the number of heads (a
 # historical misnomer in diffusers); SDXL's is per level.
@@ -179,3 +182,21 @@ def sd15_cross_attention_weights(seed: int = 0, dtype: torch.dtype = torch.float
 def sdxl_cross_attention_weights(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The 140 cross-attention K/V weights of SDXL's UNet (70 blocks, context 2048), random, in diffusers names."""
     return cross_attention_weights(SDXL_UNET_CONFIG, seed, dtype)
+
+
+def random_membranes(targets: dict[str, torch.nn.Module], concepts: Sequence[str], seed: int = 0) -> list["Membrane"]:
+    """One seeded rank-1 SPM membrane (α = 1, as official SPM files are) per concept on every target module."""
+    from .spm import Membrane, MembraneLayer
+
+    g = torch.Generator().manual_seed(seed)
+    membranes = []
+    for concept in concepts:
+        layers = {}
+        for path, module in targets.items():
+            shape = module.weight.shape
+            # Fan-in scaled, small: the membranes change every output but keep float16 runs finite.
+            down = torch.randn(1, *shape[1:], generator=g) / shape[1:].numel() ** 0.5
+            up = 0.1 * torch.randn(shape[0], 1, *(1,) * (len(shape) - 2), generator=g)
+            layers[path] = MembraneLayer(down, up, 1.0)
+        membranes.append(Membrane(layers, [concept], 1.0))
+    return membranes

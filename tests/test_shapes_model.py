@@ -53,11 +53,10 @@ def test_rece_erases_circle_and_detach_restores(world):
 
 
 def test_spm_method_attaches_a_shipped_membrane_or_says_how_to_train_one(world, tmp_path, monkeypatch):
-    import torch
-
     from erasekit.erasers import spm
     from erasekit.erasers.shapes import methods
     from erasekit.erasers.spm_diffusers import membrane_targets
+    from erasekit.erasers.tiny_models import random_membranes
 
     pipe, _ = world
     monkeypatch.setattr(methods, "MEMBRANES_DIR", tmp_path)
@@ -65,13 +64,8 @@ def test_spm_method_attaches_a_shipped_membrane_or_says_how_to_train_one(world, 
     with pytest.raises(methods.UnknownMethodError, match="no shipped SPM membrane for 'circle'"):
         with methods.erased(pipe, "spm", "circle"):
             pass
-    g = torch.Generator().manual_seed(0)
-    layers = {}
-    for path, module in membrane_targets(pipe).items():
-        shape = module.weight.shape
-        down = torch.randn(1, *shape[1:], generator=g) / shape[1:].numel() ** 0.5
-        layers[path] = spm.MembraneLayer(down, torch.randn(shape[0], 1, *(1,) * (len(shape) - 2), generator=g), 1.0)
-    spm.save_membrane(spm.Membrane(layers, ["circle"], 1.0), tmp_path / "circle.safetensors")
+    (membrane,) = random_membranes(membrane_targets(pipe), ["circle"])
+    spm.save_membrane(membrane, tmp_path / "circle.safetensors")
     prompts, seeds = [data.prompt("circle", "red", "solid"), data.prompt("square", "blue", "solid")], [0, 1]
     before = pipe(prompts, seeds)
     with methods.erased(pipe, "spm", "circle") as membrane:

@@ -56,11 +56,13 @@ def shipped_membranes() -> list[str]:
 
 def unavailable(method: str, concept: str) -> str | None:
     """Why `method` cannot erase `concept` in this world, or None."""
-    if method == SPM and concept not in shipped_membranes():
-        shipped = ", ".join(shipped_membranes()) or "none"
-        return (f"no shipped SPM membrane for {concept!r} (shipped: {shipped}); train one: "
-                f"erasekit train-spm --target {concept} --out {concept}.safetensors")
-    return None
+    if method != SPM:
+        return None
+    shipped = shipped_membranes()
+    if concept in shipped:
+        return None
+    return (f"no shipped SPM membrane for {concept!r} (shipped: {', '.join(shipped) or 'none'}); train one: "
+            f"erasekit train-spm --target {concept} --out {concept}.safetensors")
 
 
 @contextmanager
