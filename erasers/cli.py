@@ -437,6 +437,46 @@ def _add_train_spm_parser(sub) -> None:
     train.set_defaults(run=_train_spm)
 
 
+def _add_fixtures_parser(sub) -> None:
+    from .fixtures import CHECKPOINT
+
+    def run(args: argparse.Namespace) -> int:
+        from .checkpoints import CheckpointError
+        from .fixtures import write_fixtures
+        from .text_encoders import TextEncoderError
+
+        try:
+            write_fixtures(args.models_dir, args.checkpoint_name, args.force, args.tokenizer)
+        except (CheckpointError, TextEncoderError, ValueError) as err:
+            return _error(err)
+        return 0
+
+    fixtures = sub.add_parser(
+        "fixtures", help="write the model files the shipped workflows name (tiny SD1.5-shaped stand-ins)",
+        description="Write into a ComfyUI models folder every model file the workflows in workflows/ name, made for "
+                    "a tiny SD1.5-shaped checkpoint with seeded random weights: the checkpoint (checkpoints/), SPM "
+                    "membranes (spm/) and an erasure (erasers/). Files that exist are kept unless --force.")
+    fixtures.add_argument("--models-dir", required=True, metavar="DIR", help="ComfyUI's models folder")
+    fixtures.add_argument("--checkpoint-name", default=CHECKPOINT, metavar="NAME",
+                          help=f"file name of the checkpoint under checkpoints/ (default: {CHECKPOINT})")
+    fixtures.add_argument("--force", action="store_true", help="replace files that exist")
+    fixtures.add_argument("--tokenizer", default=None, metavar="DIR",
+                          help="CLIP's vocab.json and merges.txt, for the erasure (default: from open_clip)")
+    fixtures.set_defaults(run=run)
+
+
+def _add_batch_parser(sub) -> None:
+    from .batch import add_arguments, command
+
+    batch = sub.add_parser(
+        "batch", help="one image per prompt of a .csv/.txt list, with erasures, on ComfyUI servers or in-process",
+        description="Generate a prompt list with an API-format ComfyUI workflow on one or several servers, or on the "
+                    "shapes world in-process (--backend diffusers). Writes DIR/NNNNN.png and DIR/manifest.jsonl; "
+                    "rerun the same command to resume an interrupted batch.")
+    add_arguments(batch)
+    batch.set_defaults(run=command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="erasekit", description="Concept erasure for text-to-image diffusion models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -453,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_world_parsers(sub)
     _add_train_spm_parser(sub)
+    _add_batch_parser(sub)
+    _add_fixtures_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print ours beside a reference and the ratio")
     bench.add_argument("suite", choices=["closed-form", "spm"],

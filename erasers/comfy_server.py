@@ -138,13 +138,17 @@ class ComfyClient:
 
     def images(self, entry: dict) -> list[bytes]:
         """The PNG bytes of every image a finished prompt's output nodes saved, in node order."""
+        return [data for _, data in self.image_files(entry)]
+
+    def image_files(self, entry: dict) -> list[tuple[str, bytes]]:
+        """(file name on the server, bytes) of every image a finished prompt's output nodes saved, in node order."""
         found = []
         for node_id in sorted(entry.get("outputs", {}), key=lambda k: int(k) if k.isdigit() else k):
             for image in entry["outputs"][node_id].get("images", []):
                 query = urllib.parse.urlencode(
                     {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image.get("type", "output")}
                 )
-                found.append(self._request(f"/view?{query}"))
+                found.append((image["filename"], self._request(f"/view?{query}")))
         return found
 
 
