@@ -365,7 +365,7 @@ def _train_spm(args: argparse.Namespace) -> int:
     """Train an SPM membrane (erase_with_la) on the shapes world or a diffusers SD1.x/SD2.x folder."""
     import time
 
-    from .spm_train import SPMTrainConfig, load_pipeline, train_spm
+    from .spm_train import SPMTrainConfig, load_pipeline, prompt_settings, train_spm
 
     started = time.perf_counter()
     try:
@@ -379,10 +379,19 @@ def _train_spm(args: argparse.Namespace) -> int:
                      if value is not None}
         config = SPMTrainConfig.shapes(**overrides) if kind == "shapes" else SPMTrainConfig(**overrides)
         config.validate()
+        contexts = args.context
+        if not contexts and kind == "shapes":
+            from .shapes.methods import spm_contexts
+
+            contexts = spm_contexts(args.target)
+        prompt_settings(args.target, args.positive or args.target, args.neutral, contexts)  # validates templates
     except (NotImplementedError, OSError, ValueError) as err:
         return _error(err)
     print(f"model: {args.model or 'shapes world (shipped)'} ({kind}, {device}); target {args.target!r}, positive "
           f"{args.positive if args.positive is not None else args.target!r}, neutral {args.neutral!r}", flush=True)
+    if contexts:
+        print(f"{len(contexts)} contexts: {', '.join(repr(c) for c in contexts[:3])}"
+              f"{', ...' if len(contexts) > 3 else ''}", flush=True)
     print(f"{config.iterations} iterations, lr {config.lr:g}, la_strength {config.la_strength:g}, "
           f"{config.ddim_steps} DDIM steps, rank {config.rank}, seed {config.seed}", flush=True)
     every = max(1, config.iterations // 20)
@@ -399,7 +408,7 @@ def _train_spm(args: argparse.Namespace) -> int:
 
     try:
         membrane = train_spm(pipe, args.target, args.positive, args.neutral, config, progress=progress, out=out,
-                             resume=not args.fresh)
+                             resume=not args.fresh, contexts=contexts)
     except (NotImplementedError, ValueError) as err:
         return _error(err)
     print(f"SPM membrane erasing {args.target!r}: {len(membrane.layers)} layers, rank {membrane.rank}")
@@ -420,6 +429,10 @@ def _add_train_spm_parser(sub) -> None:
     train.add_argument("--positive", default=None, metavar="TEXT", help="the concept's prompt (default: --target)")
     train.add_argument("--neutral", default="", metavar="TEXT",
                        help="what the target is pushed towards (default: the empty prompt)")
+    train.add_argument("--context", action="append", default=[], metavar="TEMPLATE",
+                       help="a prompt with '{}' where the concept goes (repeatable; each iteration draws one, and "
+                            "target, positive and neutral are all placed in it). Default: none (the bare prompts, "
+                            "as the official configs) on SD; on the shapes world, every prompt naming the concept")
     train.add_argument("--model", default=None, metavar="DIR",
                        help="a shapes-world folder or a diffusers SD1.x/SD2.x folder (default: the shipped shapes "
                             "world)")

@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,21 +97,16 @@ class SPMTrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
-# Shapes-world defaults. Measured on the toy UNet (84 membrane modules), 1 thread, the machine shared with other
-# jobs: ddim_steps 30 → 0.27-0.42 it/s (2.2-2.5 s CPU per iteration), ddim_steps 12 → 0.57-1.0 it/s (1.0-1.1 s
-# CPU); the rollout (k ~ U{1..ddim_steps-1} UNet calls on a CFG batch of 2) dominates, the loss passes (a batch of
-# 6 without grad, 5 with grad + backward) cost ≈ 0.55 s. So 15 minutes buy ≈ 250-380 iterations at 30 steps and
-# ≈ 550-900 at 12.
-# - ddim_steps 12: the shapes world is sampled with 12 steps (shapes.methods.SAMPLE_STEPS), so x_t comes from the
-#   trajectories the membrane will act on, at 2.5× less cost than 30.
-# - iterations 500 (≈ 8-13 minutes on this machine), lr 6e-4: Adam moves each factor by about lr per step, so
-#   iterations × lr is kept at the official 3000 × 1e-4 = 0.3; warm-up 80 keeps the official 1/6 share.
-# - la_strength 1000 (the official β) is kept. β only balances two MSEs of the UNet's ε output (unit-variance
-#   noise in both models), not latent sizes, and on a partly trained world (step 500) L_erase starts at ≈ 7e-4 per
-#   element (1.5e-4 … 2.5e-3) and β·L_LA reaches 10-50 % of the loss within 100 iterations: anchoring is active
-#   without swamping the erasure. Re-tune with --la-strength once the final world is evaluated: raise it if
-#   neighbouring concepts suffer, lower it if the target survives.
-SHAPES_DEFAULTS = dict(iterations=500, lr=6e-4, warmup=80, ddim_steps=12, la_strength=1000.0, checkpoint_every=50)
+# Shapes-world defaults, measured on the shipped world (2,200 steps; toy UNet, 84 membrane modules):
+# - ddim_steps 12: x_t comes from trajectories like the 10-step sampling the world is judged with, at 2.5× less cost
+#   than 30 (the rollout, k UNet calls on a CFG batch of 2, dominates an iteration).
+# - la_strength 100, lr 3e-3, 300 iterations (warm-up 50, the official 1/6 share), with the world's prompt contexts
+#   (shapes.methods.spm_contexts): the official β = 1000 holds the membrane at the identity here (circle: 100% still
+#   drawn at 300 iterations, lr 3e-3): a random anchor in this 64-wide text space overlaps any word's direction
+#   about 3.5× more than in CLIP-L's 768 (per-token |cos| ≈ √(2/πd): 0.10 against 0.029), so "leave random
+#   embeddings alone" also means "leave the concept alone". β = 0, 30 and 100 all erased circle (≤ 4% still drawn); 100 is the most
+#   anchoring that did. 300 iterations take 5-15 minutes on 1 thread of this machine, depending on what else runs.
+SHAPES_DEFAULTS = dict(iterations=300, lr=3e-3, warmup=50, ddim_steps=12, la_strength=100.0, checkpoint_every=50)
 
 
 # --- pieces of the objective ------------------------------------------------------------------------------------
@@ -154,6 +149,24 @@ def anchor_batch(anchors: Tensor, unconditional: Tensor, official: bool = True) 
     return interleaved[anchors.shape[0]:]
 
 
+def prompt_settings(target: str, positive: str, neutral: str, contexts: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+    """(target, positive, neutral) prompts per iteration choice: the bare three without contexts (the official
+    single-entry prompt file), else each context template with its "{}" filled by each of them.
+
+    Why contexts: a membrane trained on a bare word only learns what that word's embedding does on its own. In a
+    small text encoder (the shapes world) the word inside a prompt ("a red striped circle") embeds differently
+    from the word alone, and the bare word barely moves the UNet (measured ‖ε(circle) − ε(∅)‖ 0.3-0.9 against 2-7
+    for "a red circle"), so such a membrane leaves every real prompt untouched. Filling the neutral into the same
+    template ("a red striped {}" → "a red striped") keeps what the rest of the prompt asks for."""
+    for context in contexts:
+        if context.count("{}") != 1:
+            raise ValueError(f"context {context!r}: needs exactly one '{{}}' where the concept goes")
+    if not contexts:
+        return [(target, positive, neutral)]
+    fill = lambda context, text: " ".join(context.replace("{}", text).split())  # noqa: E731
+    return [(fill(c, target), fill(c, positive), fill(c, neutral)) for c in contexts]
+
+
 def _check_supported(pipe) -> None:
     missing = [name for name in ("tokenizer", "text_encoder", "unet") if getattr(pipe, name, None) is None]
     if missing:
@@ -187,7 +200,7 @@ class SPMTrainer:
     """The state of one SPM training run on `pipe`; its hooks stay on the UNet until `close()` (or `with`)."""
 
     def __init__(self, pipe, target: str, positive: str | None = None, neutral: str = "",
-                 config: SPMTrainConfig | None = None):
+                 config: SPMTrainConfig | None = None, contexts: Sequence[str] = ()):
         self.config = config = config or SPMTrainConfig()
         config.validate()
         if not target.strip() or "," in target:
@@ -195,15 +208,21 @@ class SPMTrainer:
                              "metadata is comma-joined)")
         _check_supported(pipe)
         self.target, self.positive, self.neutral = target, target if positive is None else positive, neutral
+        self.contexts = list(contexts)
+        self.settings = prompt_settings(self.target, self.positive, neutral, self.contexts)
         self.unet = unet = pipe.unet
         weight = next(unet.parameters())
         self.device, self.dtype = weight.device, weight.dtype
 
-        # Contexts as the pipeline makes them (last hidden state, padded to 77), fp32 on the CPU for the anchors.
-        encoded = TransformersEncoder([pipe.tokenizer], [pipe.text_encoder])(
-            [target, self.positive, neutral, ""]).embeddings
-        self._target_cpu = encoded[0]
-        self.c_tar, self.c_pos, self.c_neu, self.c_unc = encoded.to(self.device, self.dtype).split(1)
+        # Contexts as the pipeline makes them (last hidden state, padded to 77), [settings, L, d] each; fp32 on the
+        # CPU for the anchors.
+        prompts = [text for setting in self.settings for text in setting] + [""]
+        encoded = TransformersEncoder([pipe.tokenizer], [pipe.text_encoder])(prompts).embeddings
+        self._target_cpu = encoded[:-1:3]
+        per_setting = encoded[:-1].to(self.device, self.dtype).unflatten(0, (len(self.settings), 3))
+        self.c_tar, self.c_pos, self.c_neu = per_setting.unbind(1)
+        self.c_unc = encoded[-1:].to(self.device, self.dtype)
+        self.setting = 0  # the prompt setting of the current iteration
 
         # Latent geometry: channels and native size from the UNet config; a VAE (latent model) allows buckets.
         vae = getattr(pipe, "vae", None)
@@ -330,7 +349,7 @@ class SPMTrainer:
     def rollout(self, latents: Tensor, k: int) -> Tensor:
         """k DDIM steps from `latents` with the membrane on and CFG (rollout_guidance) between "" and the target."""
         scheduler, g = self.rollout_scheduler, self.config.rollout_guidance
-        context = torch.cat([self.c_unc, self.c_tar])
+        context = torch.cat([self.c_unc, self.c_tar[self.setting:self.setting + 1]])
         x = latents
         with self.active(True):
             for t in scheduler.timesteps[:k]:
@@ -347,7 +366,7 @@ class SPMTrainer:
         """This iteration's L_LA contexts (on the model's device and dtype); empty without anchoring."""
         if self.config.la_strength == 0:
             return self.c_tar[:0]
-        anchors = sample_anchors(self._target_cpu, self.config.anchors, self.generator)
+        anchors = sample_anchors(self._target_cpu[self.setting], self.config.anchors, self.generator)
         rows = anchor_batch(anchors, self.c_unc.float().cpu(), self.config.official_anchor_batch)
         return rows.to(self.device, self.dtype)
 
@@ -356,14 +375,15 @@ class SPMTrainer:
         """Membrane off: the erase target ε_neu − g (ε_pos − ε_neu) [1, C, H, W] and ε_θ(x_t, a) per anchor
         row."""
         with self.active(False):
-            eps = self.eps(x_t, t, torch.cat([self.c_pos, self.c_neu, anchors]))
+            i = slice(self.setting, self.setting + 1)
+            eps = self.eps(x_t, t, torch.cat([self.c_pos[i], self.c_neu[i], anchors]))
         return erase_target(eps[:1], eps[1:2], self.config.erase_guidance), eps[2:]
 
     def losses(self, x_t: Tensor, t: Tensor, anchors: Tensor) -> dict[str, Tensor]:
         """L = L_erase + β L_LA at x_t (gradients reach the membrane factors only)."""
         target, anchor_ref = self.reference(x_t, t, anchors)
         with self.active(True):
-            eps = self.eps(x_t, t, torch.cat([self.c_tar, anchors]))
+            eps = self.eps(x_t, t, torch.cat([self.c_tar[self.setting:self.setting + 1], anchors]))
         erase = F.mse_loss(eps[:1].float(), target.float())
         if anchors.shape[0] == 0:
             return {"loss": erase, "erase": erase}
@@ -373,6 +393,8 @@ class SPMTrainer:
     def step(self) -> dict[str, float]:
         """One training iteration; returns the losses as floats."""
         c = self.config
+        if len(self.settings) > 1:
+            self.setting = int(torch.randint(len(self.settings), (), generator=self.generator))
         k = int(torch.randint(1, c.ddim_steps, (), generator=self.generator))
         h, w = self.latent_size()
         noise = torch.randn(1, self.channels, h, w, generator=self.generator)
@@ -393,7 +415,7 @@ class SPMTrainer:
     def fingerprint(self) -> dict:
         """What must match for a checkpoint to resume this run."""
         config = {f.name: getattr(self.config, f.name) for f in fields(self.config) if f.name != "checkpoint_every"}
-        return {"prompts": [self.target, self.positive, self.neutral], "config": config,
+        return {"prompts": [self.target, self.positive, self.neutral], "contexts": self.contexts, "config": config,
                 "layers": {path: list(self.down[path].shape) + [self.up[path].shape[0]] for path in self.targets}}
 
     def state_dict(self) -> dict:
@@ -428,11 +450,13 @@ def resume_path(out: str | Path) -> Path:
 
 def train_spm(pipe, target: str, positive: str | None = None, neutral: str = "",
               config: SPMTrainConfig | None = None, progress: Progress | None = None,
-              out: str | Path | None = None, resume: bool = True) -> Membrane:
+              out: str | Path | None = None, resume: bool = True, contexts: Sequence[str] = ()) -> Membrane:
     """Train an SPM membrane erasing `target` from `pipe` (SD1.x/SD2.x-style diffusers pipeline or the shapes
     world) and return it; with `out`, also write it there with `save_membrane`.
 
-    `positive` defaults to the target and `neutral` (the surrogate the target is pushed to) to "". Deterministic
+    `positive` defaults to the target and `neutral` (the surrogate the target is pushed to) to "". `contexts`
+    (templates with one "{}") place the three in prompts, one prompt setting per template (see
+    `prompt_settings`); each iteration draws one, as the official trainer draws from its prompt list. Deterministic
     for a given config.seed (on a given device and thread count). With `out` and config.checkpoint_every, a
     checkpoint ``<out>.resume.pt`` is written every so many iterations; a later call with the same arguments
     continues from it (resume=False starts afresh) and it is deleted once the membrane is written.
@@ -440,7 +464,7 @@ def train_spm(pipe, target: str, positive: str | None = None, neutral: str = "",
     """
     config = config or SPMTrainConfig()
     checkpoint = resume_path(out) if out is not None and config.checkpoint_every else None
-    with SPMTrainer(pipe, target, positive, neutral, config) as trainer:
+    with SPMTrainer(pipe, target, positive, neutral, config, contexts) as trainer:
         if checkpoint is not None and resume and checkpoint.is_file():
             try:
                 trainer.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
@@ -495,5 +519,5 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
                      "(unet/, text_encoder/, tokenizer/, scheduler/)")
 
 
-__all__ = ["SPMTrainConfig", "SHAPES_DEFAULTS", "SPMTrainer", "train_spm", "erase_target", "sample_anchors",
+__all__ = ["SPMTrainConfig", "SHAPES_DEFAULTS", "SPMTrainer", "train_spm", "prompt_settings", "erase_target", "sample_anchors",
            "anchor_batch", "load_pipeline", "resume_path"]

@@ -74,6 +74,32 @@ def test_spm_method_attaches_a_shipped_membrane_or_says_how_to_train_one(world, 
     assert np.array_equal(pipe(prompts, seeds), before)
 
 
+@pytest.mark.parametrize("concept", ["circle", "red", "striped"])
+def test_shipped_membrane_erases_its_concept_and_spares_others(world, concept):
+    """Each shipped membrane (weights/shapes-spm, trained by `erasekit train-spm`) stops its concept on prompts
+    that name it, leaves a prompt without it drawing what it asks, and names its concept for FT."""
+    from erasekit.erasers.shapes import methods, metrics
+
+    pipe, judge = world
+    parsed = metrics.parse_concept(concept)
+    sets = metrics.probe_sets(parsed, n=12, seed=5)
+    naming, other = sets["efficacy"][:12], sets["specificity"][:12]
+    prompts, seeds = [p.prompt for p in naming + other], [p.seed for p in naming + other]
+    before = judge(pipe(prompts, seeds))
+    with methods.erased(pipe, "spm", concept) as membrane:
+        during = judge(pipe(prompts, seeds))
+    assert membrane.concepts == [concept]
+    index = metrics.VALUES[parsed.kind].index(concept)
+    shows = lambda verdict: getattr(verdict, parsed.kind)[:12] == index  # noqa: E731
+    assert shows(before).sum() >= 10 and shows(during).sum() <= 2, (shows(before), shows(during))
+    # What the other prompts ask for (colour and pattern are near-perfect in this world) survives the membrane.
+    asked = [metrics.VALUES[k].index(getattr(p, k)) for p in other for k in ("color", "pattern")]
+    got = lambda verdict: [int(getattr(verdict, k)[12 + i]) for i in range(12) for k in ("color", "pattern")]  # noqa: E731
+    right_before = sum(a == g for a, g in zip(asked, got(before)))
+    right_during = sum(a == g for a, g in zip(asked, got(during)))
+    assert right_during >= right_before - 3, (right_before, right_during)
+
+
 @pytest.mark.slow
 def test_demo_writes_grid_and_metrics(tmp_path):
     from erasekit.erasers.cli import main

@@ -239,3 +239,58 @@ def test_cli_trains_on_a_shapes_folder(pipe, tmp_path, capsys):
     assert "step 2/2" in printed and "wrote" in printed and " s" in printed.splitlines()[-1]
     assert load_membrane(out).concepts == ["circle"]
     assert main(["train-spm", "--target", "circle", "--model", str(tmp_path), "--out", str(out)]) == 2
+
+
+def test_prompt_settings_place_the_prompts_in_each_context():
+    assert spm_train.prompt_settings("circle", "circle", "") == [("circle", "circle", "")]
+    assert spm_train.prompt_settings("circle", "red circle", "", ["a {}", "a striped {} at the top"]) == [
+        ("a circle", "a red circle", "a"), ("a striped circle at the top", "a striped red circle at the top",
+                                            "a striped at the top")]
+    with pytest.raises(ValueError, match="exactly one"):
+        spm_train.prompt_settings("circle", "circle", "", ["a {} and a {}"])
+    with pytest.raises(ValueError, match="exactly one"):
+        spm_train.prompt_settings("circle", "circle", "", ["a red shape"])
+
+
+def test_contexts_are_drawn_per_iteration_and_used_in_every_term(pipe):
+    """With contexts each iteration draws one setting; the rollout, the frozen references and the membrane-on
+    prediction all use that setting's encoded prompts; the file still names the bare concept."""
+    contexts = ["a red solid {}", "a blue striped {}", "a green dotted {}"]
+    config = SPMTrainConfig(**{**FAST, "iterations": 12, "ddim_steps": 2, "anchors": 1})
+    with SPMTrainer(pipe, "circle", config=config, contexts=contexts) as trainer:
+        expected = pipe.encode(["a blue striped circle", "a blue striped circle", "a blue striped"])
+        assert torch.allclose(trainer.c_tar[1], expected[0]) and torch.allclose(trainer.c_neu[1], expected[2])
+        seen, contexts_used = set(), []
+        original_eps = trainer.eps
+
+        def recording_eps(x, t, rows):
+            contexts_used.append(rows)
+            return original_eps(x, t, rows)
+
+        trainer.eps = recording_eps
+        for _ in range(config.iterations):
+            contexts_used.clear()
+            trainer.step()
+            i = trainer.setting
+            seen.add(i)
+            rollout, reference, trained = contexts_used[0], contexts_used[-2], contexts_used[-1]
+            assert torch.equal(rollout[1], trainer.c_tar[i]) and torch.equal(rollout[0], trainer.c_unc[0])
+            assert torch.equal(reference[0], trainer.c_pos[i]) and torch.equal(reference[1], trainer.c_neu[i])
+            assert torch.equal(trained[0], trainer.c_tar[i])
+        assert seen == {0, 1, 2}
+        assert trainer.fingerprint()["contexts"] == contexts
+        assert trainer.membrane().concepts == ["circle"]
+
+
+def test_shapes_world_contexts_name_the_concept_in_every_canonical_prompt():
+    from erasekit.erasers.shapes import data
+    from erasekit.erasers.shapes.methods import spm_contexts
+
+    circle = spm_contexts("circle")
+    assert len(circle) == len(data.COLORS) * len(data.PATTERNS)
+    assert "a red striped {}" in circle and all(c.endswith(" {}") for c in circle)
+    red = spm_contexts("red")
+    assert len(red) == len(data.SHAPES) * len(data.PATTERNS) and "a {} dotted star" in red
+    assert len(spm_contexts("striped")) == len(data.SHAPES) * len(data.COLORS)
+    with pytest.raises(ValueError, match="implicit"):
+        spm_contexts("stamp")

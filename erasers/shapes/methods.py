@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import concept_edit, diffusers_adapter, spm, spm_diffusers
 from ..erasure import Erasure
-from . import data
+from . import data, metrics
 from .model import GUIDANCE, SAMPLE_STEPS, WEIGHTS_DIR, ShapesPipeline
 
 ORIGINAL = "original"
@@ -52,6 +52,18 @@ def closed_form_erasure(pipe: ShapesPipeline, method: str, concept: str, prior=N
 
 def shipped_membranes() -> list[str]:
     return sorted(p.stem for p in MEMBRANES_DIR.glob("*.safetensors"))
+
+
+def spm_contexts(concept: str) -> list[str]:
+    """Prompt templates SPM trains a shapes-world membrane on: every canonical prompt that names `concept`, with
+    the concept's word as "{}" ("a red striped {}" for circle). A membrane trained on the bare word does not
+    erase here (spm_train.prompt_settings says why)."""
+    parsed = metrics.parse_concept(concept)
+    if parsed.kind == "stamp":
+        raise ValueError("the stamp is implicit (no prompt names it), so there is no word for an SPM membrane to "
+                         "act on; erase it with a negative prompt (Geom-Erasing) instead")
+    return [" ".join("{}" if word == parsed.name else word for word in prompt.split())
+            for prompt in metrics.naming_prompts(parsed)]
 
 
 def unavailable(method: str, concept: str) -> str | None:

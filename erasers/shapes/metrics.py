@@ -91,6 +91,11 @@ def _canonical(shapes: Sequence[str], colors: Sequence[str],
     return [(data.prompt(s, c, p), s, c, p) for s, c, p in product(shapes, colors, patterns)]
 
 
+def naming_prompts(concept: Concept) -> list[str]:
+    """Every canonical prompt that names `concept` (the efficacy cell's combinations, once each)."""
+    return [prompt for prompt, *_ in _canonical(*_grid(concept))]
+
+
 def _synonymous(concept: Concept) -> list[tuple[str, str, str, str]]:
     """The efficacy combinations, with the erased concept named by each of its other words."""
     shapes, colors, patterns = _grid(concept)
