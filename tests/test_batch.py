@@ -213,6 +213,26 @@ def test_workflow_rules_prompt_seed_guidance_and_erasures():
     assert Workflow(titled).text_nodes == ["3"]
 
 
+def test_a_prompt_list_node_takes_each_prompt_as_a_batch_of_one():
+    prompt = {k: v for k, v in _workflow().items() if k not in ("2", "3", "4")}
+    prompt["2"] = {"class_type": NODE, "inputs": {
+        "clip": ["1", 1], "prompts": "a\nb\nc", "file": "list.csv", "negative": "blurry", "seed": 7, "start": 2,
+        "count": 5, "width": 64, "height": 48}}
+    prompt["5"]["inputs"].update(positive=["2", 0], negative=["2", 1], latent_image=["2", 2])
+    workflow = Workflow(prompt, "wf.json")
+    assert workflow.text_nodes == ["2"] and sorted(workflow.seeds) == [("2", "seed"), ("5", "seed")]
+    item = workflow.for_item(PromptItem(4, "a red circle", 99))
+    assert item["2"]["inputs"] == {**prompt["2"]["inputs"], "prompts": "a red circle", "file": "", "seed": 99,
+                                   "start": 0, "count": 0}
+    assert item["5"]["inputs"]["seed"] == 99
+    workflow.check_items(parse_text("a red circle\na blue square"))
+    for bad in ("", "two\nlines"):
+        with pytest.raises(BatchError, match=r"prompt 1 \(.*\) is empty or has a line break, which the EraseKit "
+                                             r"Prompt List node in wf\.json cannot take"):
+            workflow.check_items([PromptItem(0, "fine", 0), PromptItem(1, bad, 1)])
+    Workflow(_workflow()).check_items([PromptItem(0, "", 0)])  # CLIPTextEncode takes any prompt
+
+
 def test_workflow_errors_name_the_fix(tmp_path):
     with pytest.raises(BatchError, match=r"is a UI workflow .*Export \(API\)"):
         Workflow({"nodes": [], "links": [], "version": 0.4})

@@ -15,9 +15,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from erasekit.erasers import fixtures
+from erasekit.erasers.batch import Workflow, run_comfy
 from erasekit.erasers.cli import main
 from erasekit.erasers.comfy_server import PACK_FOLDER, ComfyError, locate_comfyui
 from erasekit.erasers.erasure import Erasure
+from erasekit.erasers.prompt_lists import parse_text
 from erasekit.erasers.spm import load_membrane
 from erasekit.nodes.closed_form import FOLDER as ERASERS_FOLDER
 from erasekit.nodes.spm import FOLDER as SPM_FOLDER
@@ -213,18 +215,45 @@ def _check_prompt(prompt: dict, info: dict) -> None:
     assert any(info[node["class_type"]]["output_node"] for node in prompt.values()), "no output node"
 
 
+def _tiny_inputs(class_type: str, checkpoint: str) -> dict:
+    """The inputs that put a workflow's node on the tiny checkpoint, sized for a CPU: 64×64 images, 2 steps."""
+    if class_type == "CheckpointLoaderSimple":
+        return {"ckpt_name": checkpoint}
+    if class_type in ("EmptyLatentImage", "EraseKitPromptList"):
+        return {"width": 64, "height": 64}
+    if class_type == "KSampler":
+        return {"steps": 2}
+    return {}
+
+
 def _for_the_tiny_checkpoint(prompt: dict, checkpoint: str) -> dict:
-    """The workflow on the tiny checkpoint, sized for a CPU: 64×64 images, 2 sampler steps."""
+    """An API workflow on the tiny checkpoint (_tiny_inputs)."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = checkpoint
-        elif node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
-            inputs["steps"] = 2
+        node["inputs"].update(_tiny_inputs(node["class_type"], checkpoint))
     return prompt
+
+
+def set_widget(node: dict, info: dict, name: str, value) -> None:
+    """Set the widget value of input `name` in a UI workflow's node (its place in widgets_values)."""
+    index = 0
+    for input_name, (kind, *rest) in _inputs(info[node["type"]]):
+        if not _is_widget(kind):
+            continue
+        if input_name == name:
+            node["widgets_values"][index] = value
+            return
+        index += 1 + _has_seed_control(input_name, kind, rest[0] if rest else {})
+    raise KeyError(f"{node['type']} has no widget {name!r}")
+
+
+def ui_for_the_tiny_checkpoint(ui: dict, info: dict, checkpoint: str) -> dict:
+    """A UI workflow on the tiny checkpoint: what _for_the_tiny_checkpoint makes of its API twin."""
+    ui = copy.deepcopy(ui)
+    for node in ui["nodes"]:
+        for name, value in _tiny_inputs(node["type"], checkpoint).items():
+            set_widget(node, info, name, value)
+    return ui
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +272,9 @@ def test_ui_workflow_is_its_api_twin_and_valid_in_comfyui(server, tiny_checkpoin
     assert ui["version"] == 0.4 and ui["groups"] is not None
     _check_ui_links(ui, info)
     assert _ui_to_api(ui, info) == api
-    _check_prompt(_for_the_tiny_checkpoint(api, tiny_checkpoint.name), info)
+    tiny = _for_the_tiny_checkpoint(api, tiny_checkpoint.name)
+    _check_prompt(tiny, info)
+    assert _ui_to_api(ui_for_the_tiny_checkpoint(ui, info, tiny_checkpoint.name), info) == tiny  # tests/test_browser
 
 
 @pytest.mark.slow
@@ -255,6 +286,10 @@ def test_api_workflow_runs_and_yields_images(server, tiny_checkpoint, name):
     assert images and all(image.size == (64, 64) for image in images)
     if any(node["class_type"] == "ImageBatch" for node in prompt.values()):  # before / after, same seed
         assert len(images) == 2 and images[0].tobytes() != images[1].tobytes()
+    lists = [node["inputs"]["prompts"] for node in prompt.values() if node["class_type"] == "EraseKitPromptList"]
+    if lists:  # one image per prompt, each its own
+        assert len(images) == len(parse_text(lists[0])) > 1
+        assert len({image.tobytes() for image in images}) == len(images)
 
 
 @pytest.mark.slow
@@ -286,3 +321,24 @@ def test_comfyui_lists_the_example_workflows_as_the_packs_templates(server):
     assert sorted(templates[PACK_FOLDER]) == NAMES  # each once, and no API twin
     for name in NAMES:
         assert client.get_json(f"/api/workflow_templates/{PACK_FOLDER}/{name}.json") == _ui(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_erasekit_batch_runs_the_api_workflow(server, tiny_checkpoint, tmp_path, name):
+    """Every API workflow works with `erasekit batch`: each prompt of the list in its prompt node (a Prompt List
+    node takes it as a batch of one), the prompt's seed in every seed; one PNG per saved image."""
+    client, _ = server
+    workflow = Workflow(_for_the_tiny_checkpoint(_api(name), tiny_checkpoint.name), name)
+    items = parse_text("a red circle\na blue square", seed=7)
+    summary = run_comfy(workflow, items, tmp_path, [client])
+    assert (summary.generated, summary.missing, summary.errors) == (2, 0, [])
+    per_prompt = 2 if any(node["class_type"] == "ImageBatch" for node in workflow.prompt.values()) else 1
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(len(record["files"]) for record in records) == [per_prompt] * 2
+    for record in records:
+        image = Image.open(tmp_path / record["files"][0])
+        ran = json.loads(image.text["prompt"])  # ComfyUI's own chunk: the workflow as this prompt ran it
+        assert [ran[n]["inputs"].get("text", ran[n]["inputs"].get("prompts")) for n in workflow.text_nodes] == \
+            [record["prompt"]] * len(workflow.text_nodes)
+        assert all(ran[n]["inputs"][key] == record["seed"] for n, key in workflow.seeds)
