@@ -1,5 +1,5 @@
 """`erasekit batch`: one image per prompt of a prompt list (erasers/prompt_lists.py), with erasures applied, on one
-or several ComfyUI servers or in-process on the shapes world; resumable.
+or several ComfyUI servers or in-process (the shapes world, or a diffusers SD1.x/SD2.x/SDXL folder); resumable.
 
 The output folder holds NNNNN.png per prompt (NNNNN: the prompt's index in the list; NNNNN_K.png when the workflow
 saves several images) and manifest.jsonl, one JSON line per finished prompt: index, prompt, seed, guidance,
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import inspect
 import io
 import json
 import os
@@ -82,10 +83,12 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 class Manifest:
     """DIR/manifest.jsonl. Opening it keeps the lines whose files all exist (the first per index) and drops the rest
-    (a line cut short by a kill, files deleted since), so each line left is a prompt complete on disk."""
+    (a line cut short by a kill, files deleted since), so each line left is a prompt complete on disk. `settings`
+    (the in-process backend's model, steps, size, negative prompt) go into every line, and a line made with other
+    settings stops a resume as other erasures do."""
 
-    def __init__(self, out: Path, items: list[PromptItem], erasures: list[dict]):
-        self.out, self.path = out, out / MANIFEST
+    def __init__(self, out: Path, items: list[PromptItem], erasures: list[dict], settings: dict | None = None):
+        self.out, self.path, self.settings = out, out / MANIFEST, dict(settings or {})
         if out.is_dir() and not self.path.exists() and any(out.iterdir()):
             raise BatchError(f"{out} holds files but no {MANIFEST}, so it is not a batch's folder: give a new or "
                              "empty folder (batch would overwrite files named like its own)")
@@ -119,6 +122,10 @@ class Manifest:
         if record.get("erasures") != erasures:
             raise BatchError(f"{where} was generated with other erasures ({json.dumps(record.get('erasures'))}, "
                              f"now {json.dumps(erasures)}): use another --out, or the same erasures to resume it")
+        for key, value in self.settings.items():
+            if key in record and record[key] != value:  # lines written before a setting was recorded pass
+                raise BatchError(f"{where} was generated with {key} {json.dumps(record[key])} (now {json.dumps(value)}"
+                                 f"): use another --out, or the same {key} to resume it")
 
     def save(self, item: PromptItem, images: list[tuple[str, bytes]], erasures: list[dict], server: str) -> list[str]:
         """Write the item's images (PNGs with the erasures chunk) and then its manifest line; return the names."""
@@ -130,7 +137,8 @@ class Manifest:
             _write_atomic(self.out / name, data)
             names.append(name)
         record = {"index": item.index, "prompt": item.prompt, "seed": item.seed, "guidance": item.guidance,
-                  "categories": item.categories, "erasures": erasures, "files": names, "server": server}
+                  "categories": item.categories, "erasures": erasures, "files": names, "server": server,
+                  **self.settings}
         with self._lock:
             if not self._file.closed:  # closed: the run was interrupted; the files are redone on resume
                 self._file.write(json.dumps(record) + "\n")
@@ -367,25 +375,84 @@ def run_comfy(workflow: Workflow, items: list[PromptItem], out: Path, clients: l
     return summary
 
 
-# --- diffusers backend (the shapes world) -----------------------------------------------------------------------
+# --- diffusers backend (the shapes world or a diffusers model folder) --------------------------------------------
+
+
+DEFAULT_STEPS = 30  # sampler steps on a diffusers model folder without --steps
+
+
+def load_model(model: str | Path | None = None, device: str = "cpu") -> tuple[object, str, str]:
+    """(pipeline, kind, name) for --model: a diffusers folder (model_index.json) → a StableDiffusionPipeline ("sd")
+    or StableDiffusionXLPipeline ("sdxl"), local files only, no safety checker; a shapes-world folder (default: the
+    shipped one) → a ShapesPipeline ("shapes", CPU only). `name`: the folder's name, recorded in the manifest."""
+    from .shapes.model import WEIGHTS_DIR
+    from .spm_train import load_pipeline
+
+    path = Path(WEIGHTS_DIR if model is None else model)
+    index = path / "model_index.json"
+    if not index.is_file():
+        if torch_device(device).type != "cpu":
+            raise BatchError(f"--device {device}: the shapes world runs on the CPU only; --device is for a diffusers "
+                             "model folder (one with model_index.json)")
+        pipe, kind = load_pipeline(path)  # a shapes world, or a ValueError naming what --model must be
+        return pipe, kind, path.resolve().name
+    config = json.loads(index.read_text(encoding="utf-8"))
+    kind = str(config.get("_class_name", ""))
+    if not kind.startswith("StableDiffusion") or kind.startswith("StableDiffusion3"):
+        raise BatchError(f"{path} holds a {kind or 'pipeline of no named class'} (model_index.json): batch runs "
+                         "Stable Diffusion 1.x/2.x/XL folders (StableDiffusionPipeline, StableDiffusionXLPipeline)")
+    if "XL" not in kind:
+        pipe, kind = load_pipeline(path, torch_device(device))  # SD1.x/SD2.x: spm_train's loader
+    else:
+        if not (config.get("text_encoder") or [None])[0]:
+            raise BatchError(f"{path} is an SDXL pipeline without a first text encoder (a refiner?): batch "
+                             "generates from prompts; give an SDXL base model folder")
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe, kind = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True), "sdxl"
+        pipe.to(torch_device(device))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, kind, path.resolve().name
+
+
+def torch_device(device: str):
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise BatchError(f"--device {device}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise BatchError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    return parsed
 
 
 def run_diffusers(items: list[PromptItem], out: Path, model: str | Path | None = None, erasure_files=(),
                   membrane_files=(), steps: int | None = None, guidance: float | None = None,
-                  chunk: int = 16) -> Summary:
-    """The same batch in-process on a shapes-world model (default: the shipped one), with EraseKit erasure files
-    attached (merged into the weights) and SPM membranes (Facilitated Transport per sample)."""
+                  chunk: int = 16, *, negative: str | None = None, width: int | None = None,
+                  height: int | None = None, device: str = "cpu") -> Summary:
+    """The same batch in-process, with EraseKit erasure files attached (merged into the UNet weights) and SPM
+    membranes (Facilitated Transport per sample), on a shapes-world model (default: the shipped one; `chunk`
+    prompts per call) or a diffusers SD1.x/SD2.x/SDXL folder (one prompt per call). Each image depends on its own
+    row's seed only: the same seed gives the same image whatever else is in the batch or was done earlier."""
+    import torch
     from PIL import Image
 
     from . import diffusers_adapter, spm, spm_diffusers
     from .erasure import Erasure
-    from .shapes.model import GUIDANCE, SAMPLE_STEPS, WEIGHTS_DIR, ShapesPipeline
+    from .shapes.model import GUIDANCE, SAMPLE_STEPS
 
-    pipe = ShapesPipeline.load(model or WEIGHTS_DIR)
+    bad = [f"--{k} {v}" for k, v in (("steps", steps), ("width", width), ("height", height)) if v is not None and v < 1]
+    if bad:
+        raise BatchError(f"{', '.join(bad)}: must be a positive number")
+    pipe, kind, name = load_model(model, device)
+    if kind == "shapes" and (width or height):
+        raise BatchError("--width/--height: the shapes world draws 32×32 images only; they are for a diffusers "
+                         "model folder")
     records = []
     for path in map(Path, erasure_files):
         erasure = Erasure.load(path)
-        diffusers_adapter.attach(pipe, erasure)
+        diffusers_adapter.attach(pipe, erasure)  # FamilyMismatchError naming both families
         records.append({"type": "erasure", "file": path.name, "method": erasure.method,
                         "concepts": erasure.concepts, "strength": 1.0})
     membranes = [spm.load_membrane(path) for path in membrane_files]
@@ -393,24 +460,47 @@ def run_diffusers(items: list[PromptItem], out: Path, model: str | Path | None =
         spm_diffusers.attach_membranes(pipe, membranes)
     records += [{"type": "membrane", "file": Path(path).name, "method": "spm", "concepts": membrane.concepts,
                  "strength": 1.0, "facilitated_transport": True} for path, membrane in zip(membrane_files, membranes)]
-    manifest = Manifest(out, items, records)
+    if kind == "shapes":
+        steps, default = steps or SAMPLE_STEPS, GUIDANCE if guidance is None else guidance
+        settings = {"model": name, "steps": steps, "negative": negative or None}  # "" and none: the same image
+    else:
+        steps = steps or DEFAULT_STEPS
+        default = inspect.signature(pipe.__call__).parameters["guidance_scale"].default if guidance is None \
+            else guidance
+        scale_factor = pipe.vae_scale_factor
+        width = width or pipe.unet.config.sample_size * scale_factor
+        height = height or pipe.unet.config.sample_size * scale_factor
+        if width % 8 or height % 8:
+            raise BatchError(f"--width {width} --height {height}: both must be multiples of 8")
+        settings = {"model": name, "steps": steps, "width": width, "height": height, "negative": negative}
+    manifest = Manifest(out, items, records, settings)
     todo = [item for item in items if item.index not in manifest.done]
     summary = Summary(len(items), len(items) - len(todo))
-    default = GUIDANCE if guidance is None else guidance
-    print(f"{len(items)} prompts: {summary.earlier} done earlier, {len(todo)} to generate in-process; "
-          f"erasures: {json.dumps(records) if records else 'none'}", flush=True)
+    print(f"{len(items)} prompts: {summary.earlier} done earlier, {len(todo)} to generate in-process on {name} "
+          f"({kind}, {device}); erasures: {json.dumps(records) if records else 'none'}", flush=True)
+
+    def save(item: PromptItem, image) -> None:
+        png = io.BytesIO()
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(png, format="PNG")
+        summary.finished(manifest.save(item, [(".png", png.getvalue())], records, "in-process"), "in-process")
+
     try:
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            for scale in sorted({default if i.guidance is None else i.guidance for i in part}):
-                group = [i for i in part if (default if i.guidance is None else i.guidance) == scale]
-                images = pipe([i.prompt for i in group], [i.seed for i in group],
-                              steps=steps or SAMPLE_STEPS, guidance=scale)
-                for item, image in zip(group, images):
-                    png = io.BytesIO()
-                    Image.fromarray(image).save(png, format="PNG")
-                    summary.finished(manifest.save(item, [(".png", png.getvalue())], records, "in-process"),
-                                     "in-process")
+        if kind == "shapes":  # each image depends on its own seed only (ShapesPipeline), so prompts go in chunks
+            for start in range(0, len(todo), chunk):
+                part = todo[start:start + chunk]
+                for scale in sorted({default if i.guidance is None else i.guidance for i in part}):
+                    group = [i for i in part if (default if i.guidance is None else i.guidance) == scale]
+                    images = pipe([i.prompt for i in group], [i.seed for i in group], steps=steps, guidance=scale,
+                                  negative=negative or "")
+                    for item, image in zip(group, images):
+                        save(item, image)
+        else:  # one prompt per call: a batched UNet call need not round like a single one
+            for item in todo:
+                generator = torch.Generator(torch_device(device)).manual_seed(item.seed)
+                image = pipe(item.prompt, negative_prompt=negative, num_inference_steps=steps,
+                             guidance_scale=default if item.guidance is None else item.guidance,
+                             width=width, height=height, generator=generator).images[0]
+                save(item, image)
     finally:
         manifest.close()
     return summary
@@ -433,14 +523,24 @@ def add_arguments(parser) -> None:
     comfy.add_argument("--server", action="append", metavar="URL",
                        help=f"a ComfyUI server; repeat to share the prompts among several (default {DEFAULT_SERVER})")
     comfy.add_argument("--timeout", type=float, default=1800, help="seconds one prompt may take (default 1800)")
-    world = parser.add_argument_group("diffusers backend (the shapes world)")
-    world.add_argument("--model", metavar="DIR", help="a shapes-world model folder (default: the shipped one)")
+    world = parser.add_argument_group("diffusers backend (the shapes world or a diffusers model folder)")
+    world.add_argument("--model", metavar="DIR",
+                       help="a diffusers SD1.x/SD2.x/SDXL folder (model_index.json; local files only) or a "
+                            "shapes-world model folder (default: the shipped shapes world)")
     world.add_argument("--erasure", action="append", default=[], metavar="FILE",
                        help="an EraseKit erasure (.safetensors) to apply; repeatable")
     world.add_argument("--membrane", action="append", default=[], metavar="FILE",
                        help="an SPM membrane (.safetensors) to apply with Facilitated Transport; repeatable")
-    world.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-    world.add_argument("--guidance", type=float, help="guidance scale for rows without one (default: the model's)")
+    world.add_argument("--steps", type=int,
+                       help=f"sampler steps (default: {DEFAULT_STEPS} on a diffusers folder, 10 on the shapes world)")
+    world.add_argument("--guidance", type=float, help="guidance scale for rows without one (default: the "
+                       "pipeline's: 7.5 for SD, 5 for SDXL, 4 on the shapes world)")
+    world.add_argument("--negative", metavar="TEXT", help="negative prompt for every image (default: none)")
+    world.add_argument("--width", type=int, help="image width, a multiple of 8 (diffusers folder; default: the "
+                       "model's)")
+    world.add_argument("--height", type=int, help="image height, a multiple of 8 (diffusers folder; default: the "
+                       "model's)")
+    world.add_argument("--device", help="torch device for a diffusers folder: cpu (default), cuda, cuda:1, ...")
 
 
 def command(args) -> int:
@@ -448,7 +548,8 @@ def command(args) -> int:
     from .prompt_lists import read_prompt_file, select
 
     comfy_only = [f"--{n}" for n in ("workflow", "server") if getattr(args, n)]
-    world_only = [f"--{n}" for n in ("model", "erasure", "membrane", "steps", "guidance") if getattr(args, n)]
+    world_only = [f"--{n}" for n in ("model", "erasure", "membrane", "steps", "guidance", "negative", "width",
+                                     "height", "device") if getattr(args, n) is not None and getattr(args, n) != []]
     try:
         if args.backend == "comfyui" and (world_only or not args.workflow):
             raise BatchError(f"{', '.join(world_only)}: only for --backend diffusers" if world_only else
@@ -462,7 +563,8 @@ def command(args) -> int:
             summary = run_comfy(workflow, items, Path(args.out), clients, args.timeout)
         else:
             summary = run_diffusers(items, Path(args.out), args.model, args.erasure, args.membrane, args.steps,
-                                    args.guidance)
+                                    args.guidance, negative=args.negative, width=args.width, height=args.height,
+                                    device=args.device or "cpu")
     except (ValueError, OSError) as err:  # BatchError, prompt list, erasure and membrane files, missing model
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -483,8 +483,8 @@ def _add_batch_parser(sub) -> None:
 
     batch = sub.add_parser(
         "batch", help="one image per prompt of a .csv/.txt list, with erasures, on ComfyUI servers or in-process",
-        description="Generate a prompt list with an API-format ComfyUI workflow on one or several servers, or on the "
-                    "shapes world in-process (--backend diffusers). Writes DIR/NNNNN.png and DIR/manifest.jsonl; "
+        description="Generate a prompt list with an API-format ComfyUI workflow on one or several servers, or "
+                    "in-process on a diffusers SD1.x/SD2.x/SDXL folder or the shapes world (--backend diffusers). Writes DIR/NNNNN.png and DIR/manifest.jsonl; "
                     "rerun the same command to resume an interrupted batch.")
     add_arguments(batch)
     batch.set_defaults(run=command)

@@ -295,7 +295,10 @@ def transport_strengths(contexts: Tensor, tokens: Sequence[frozenset[int] | None
         raise ValueError(f"prompt contexts {tuple(contexts.shape[1:])} and concept contexts "
                          f"{tuple(concepts.contexts.shape[1:])} differ in shape: encode both with the same model")
     prompts = F.normalize(contexts.detach().float().cpu().flatten(1), dim=1, eps=1e-8)
-    clipcos = prompts @ F.normalize(concepts.contexts.flatten(1), dim=1, eps=1e-8).T  # [B, K]
+    directions = F.normalize(concepts.contexts.flatten(1), dim=1, eps=1e-8)
+    # Row by row: a prompt's gate must not depend on the prompts it is scored with (a GEMM over several rows rounds
+    # differently from one over a single row, and an image would then depend on its batch or on the gate cache).
+    clipcos = torch.stack([directions @ row for row in prompts]) if len(prompts) else prompts @ directions.T  # [B, K]
     # Only the concepts' tokens can overlap, so multi-hot vectors over their union give the overlap as a matmul.
     vocab = {t: j for j, t in enumerate(sorted(set().union(*concepts.tokens)))}
     concept_hot = torch.zeros(len(concepts.tokens), len(vocab))

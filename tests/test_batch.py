@@ -369,6 +369,177 @@ def test_diffusers_backend_applies_erasures_and_resumes_after_a_kill(world_files
     assert "was generated with other erasures" in capsys.readouterr().err
 
 
+# --- the diffusers backend on a diffusers model folder (tiny SD1.x / SDXL pipelines saved to disk) ------------------
+
+
+def _tiny_pipeline(xl: bool = False):
+    """A random StableDiffusion(XL)Pipeline of SD1.x (768-wide context) or SDXL (2048) structure, with the shapes
+    tokenizer and a one-level VAE (64×64 images are 64×64 latents)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from erasekit.erasers.shapes.model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+
+    def text_encoder(width: int, kind=CLIPTextModel):
+        return kind(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=16,
+                                   num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                   projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                            up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
+                            layers_per_block=1).eval()
+        common = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
+                      norm_num_groups=8)
+        if not xl:
+            unet = UNet2DConditionModel(**common, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                        cross_attention_dim=768).eval()
+            return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder(768), tokenizer=tokenizer, unet=unet,
+                                           scheduler=EulerDiscreteScheduler(steps_offset=1), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+        unet = UNet2DConditionModel(**common, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
+                                    use_linear_projection=True, addition_embed_type="text_time",
+                                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16).eval()
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder(768),
+                                         text_encoder_2=text_encoder(1280, CLIPTextModelWithProjection),
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+                                         scheduler=EulerDiscreteScheduler(steps_offset=1))
+
+
+def _save_folder(folder: Path, xl: bool) -> dict[str, Path]:
+    """The pipeline saved as a diffusers folder, a UCE erasure of "circle" computed on it with its own text
+    encoder(s), and a seeded SPM membrane for "square" on its UNet."""
+    from erasekit.erasers import concept_edit, spm
+    from erasekit.erasers.diffusers_adapter import unet_kv_weights
+    from erasekit.erasers.spm_diffusers import membrane_targets
+    from erasekit.erasers.text import TransformersEncoder
+    from erasekit.erasers.tiny_models import random_membranes
+
+    pipe = _tiny_pipeline(xl)
+    pipe.save_pretrained(folder / "model")
+    if xl:
+        encoder = TransformersEncoder([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                      penultimate=True)
+    else:
+        encoder = TransformersEncoder([pipe.tokenizer], [pipe.text_encoder])
+    kv = {k: v.detach() for k, v in unet_kv_weights(pipe).items()}
+    family = "sdxl" if xl else "sd1"
+    concept_edit.erase(kv, encoder, family, concept_edit.EraseOptions(method="uce", concepts=["circle"])).save(
+        folder / "uce-circle.safetensors")
+    (membrane,) = random_membranes(membrane_targets(pipe), ["square"])
+    assert membrane.family == family
+    spm.save_membrane(membrane, folder / "square.safetensors")
+    return {"model": folder / "model", "erasure": folder / "uce-circle.safetensors",
+            "membrane": folder / "square.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def sd_files(tmp_path_factory) -> dict[str, Path]:
+    return _save_folder(tmp_path_factory.mktemp("sd"), xl=False)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_a_diffusers_folder_gets_the_erasures_and_each_image_depends_on_its_seed_only(sd_files, tmp_path, capsys):
+    from erasekit.erasers.cli import main
+
+    prompts = _write(tmp_path / "p.txt", "a red circle\na blue square\na green star\n")
+    base = ["batch", "--backend", "diffusers", "--model", str(sd_files["model"]), "--prompts", str(prompts),
+            "--seed", "5", "--steps", "2", "--width", "64", "--height", "64"]
+    erased = ["--erasure", str(sd_files["erasure"]), "--membrane", str(sd_files["membrane"])]
+    out = tmp_path / "out"
+    assert main([*base, "--out", str(out), *erased]) == 0, capsys.readouterr().err
+    assert "3/3 prompts done (3 now, 0 earlier)" in capsys.readouterr().out
+    erasures = [
+        {"type": "erasure", "file": "uce-circle.safetensors", "method": "uce", "concepts": ["circle"], "strength": 1.0},
+        {"type": "membrane", "file": "square.safetensors", "method": "spm", "concepts": ["square"], "strength": 1.0,
+         "facilitated_transport": True}]
+    records = _manifest(out)
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002.png", "manifest.jsonl"]
+    for record in records:
+        assert record["erasures"] == erasures and record["server"] == "in-process"
+        assert record["seed"] == 5 + record["index"] and record["guidance"] is None
+        assert (record["model"], record["steps"], record["width"], record["height"]) == ("model", 2, 64, 64)
+        image = Image.open(out / record["files"][0])
+        assert image.size == (64, 64) and json.loads(image.text[batch.PNG_KEY]) == erasures
+    made = {i: _pixels(out / f"{i:05d}.png") for i in range(3)}
+    assert not np.array_equal(made[0], made[1])
+
+    # Resume: the image of a deleted file is made again alone, the same as when it was made with the others.
+    (out / "00002.png").unlink()
+    assert main([*base, "--out", str(out), *erased]) == 0
+    assert "3/3 prompts done (1 now, 2 earlier)" in capsys.readouterr().out
+    assert np.array_equal(_pixels(out / "00002.png"), made[2])
+    # The middle prompt alone (--start 1 --count 1) in another folder: the same image again.
+    assert main([*base, "--out", str(tmp_path / "one"), "--start", "1", "--count", "1", *erased]) == 0
+    assert np.array_equal(_pixels(tmp_path / "one" / "00001.png"), made[1])
+
+    # Without the erasures, and with the erasure alone, the circle prompt draws something else each time.
+    assert main([*base, "--out", str(tmp_path / "plain"), "--count", "1"]) == 0
+    assert main([*base, "--out", str(tmp_path / "uce"), "--count", "1", *erased[:2]]) == 0
+    plain, uce = _pixels(tmp_path / "plain" / "00000.png"), _pixels(tmp_path / "uce" / "00000.png")
+    assert not np.array_equal(plain, uce) and not np.array_equal(uce, made[0])
+    assert _manifest(tmp_path / "plain")[0]["erasures"] == []
+    # Other settings in the same folder are refused, not mixed in.
+    capsys.readouterr()
+    assert main([*base[:-4], "--steps", "3", "--width", "64", "--height", "64", "--out", str(out), *erased]) == 2
+    assert "was generated with steps 2 (now 3)" in capsys.readouterr().err
+
+
+def test_diffusers_folder_errors_name_both_families_and_what_model_must_be(sd_files, tmp_path, capsys):
+    from erasekit.erasers.cli import main
+    from erasekit.erasers.erasure import Erasure
+
+    prompts = _write(tmp_path / "p.txt", "a red circle\n")
+    base = ["batch", "--backend", "diffusers", "--prompts", str(prompts), "--out", str(tmp_path / "out")]
+    xl_erasure = Erasure.load(sd_files["erasure"])
+    xl_erasure.family = "sdxl"
+    xl_erasure.save(tmp_path / "xl.safetensors")
+    assert main([*base, "--model", str(sd_files["model"]), "--erasure", str(tmp_path / "xl.safetensors")]) == 2
+    assert "made for the sdxl family and cannot apply to a sd1 model" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*base, "--model", str(tmp_path / "empty")]) == 2
+    assert "not a diffusers pipeline folder (model_index.json) nor a shapes-world model" in capsys.readouterr().err
+    _write(tmp_path / "empty" / "model_index.json", '{"_class_name": "FluxPipeline"}')
+    assert main([*base, "--model", str(tmp_path / "empty")]) == 2
+    assert "holds a FluxPipeline" in capsys.readouterr().err
+    assert main([*base, "--model", str(sd_files["model"]), "--width", "60"]) == 2
+    assert "multiples of 8" in capsys.readouterr().err
+    assert main([*base, "--width", "64"]) == 2  # the shapes world: 32×32 only
+    assert "the shapes world draws 32×32 images only" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*base, "--workflow", "wf.json", "--negative", "x"]) == 2
+    assert "--workflow: only for --backend comfyui" in capsys.readouterr().err
+    assert main(["batch", "--negative", "blurry", *base[3:]]) == 2  # the comfyui backend
+    assert "--negative: only for --backend diffusers" in capsys.readouterr().err
+
+
+def test_an_sdxl_folder_takes_its_erasures(tmp_path, capsys):
+    from erasekit.erasers.cli import main
+
+    files = _save_folder(tmp_path, xl=True)
+    prompts = _write(tmp_path / "p.txt", "a red circle\na blue square\n")
+    base = ["batch", "--backend", "diffusers", "--model", str(files["model"]), "--prompts", str(prompts),
+            "--steps", "2", "--width", "64", "--height", "64", "--negative", "a green star"]
+    assert main([*base, "--out", str(tmp_path / "out"), "--erasure", str(files["erasure"]),
+                 "--membrane", str(files["membrane"])]) == 0, capsys.readouterr().err
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    records = _manifest(tmp_path / "out")
+    assert [r["files"] for r in records] == [["00000.png"], ["00001.png"]]
+    assert records[0]["negative"] == "a green star" and len(records[0]["erasures"]) == 2
+    assert Image.open(tmp_path / "out" / "00000.png").size == (64, 64)
+    assert not np.array_equal(_pixels(tmp_path / "out" / "00000.png"), _pixels(tmp_path / "plain" / "00000.png"))
+
+
 # --- real ComfyUI servers ---------------------------------------------------------------------------------------------
 
 
