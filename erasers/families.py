@@ -209,7 +209,7 @@ def text_encoders(shapes: Mapping[str, Sequence[int]]) -> list[TextEncoder]:
     return [TextEncoder(name, len(layers.get(name, ())), widths.get(name, 0)) for name in sorted(layers)]
 
 
-_TOWER_WIDTH = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
+TOWER_WIDTH = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}  # ComfyUI tower name -> width
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def describe_model(unet_shapes: Mapping[str, Sequence[int]],
     towers = tuple(text_encoders(text_encoder_shapes or {}))
     if family is not None and towers:
         names = tuple(t.name for t in towers)
-        if sorted(names) != sorted(family.text_encoders) or any(t.width != _TOWER_WIDTH[t.name] for t in towers):
+        if sorted(names) != sorted(family.text_encoders) or any(t.width != TOWER_WIDTH[t.name] for t in towers):
             problems.append(
                 f"the text encoders ({', '.join(names)}) are not the ones {family.label} was trained with "
                 f"({', '.join(family.text_encoders)}): check the CLIP input comes from the same checkpoint"

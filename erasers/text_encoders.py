@@ -32,7 +32,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .families import FAMILIES, Family
+from .families import FAMILIES, TOWER_WIDTH, Family
 from .text import CONTEXT_TOKENS, TransformersEncoder
 
 END_TOKEN = 49407
@@ -430,7 +430,6 @@ def checkpoint_text_towers(state_dict: Mapping[str, Tensor], family: Family | st
     return towers
 
 
-_TOWER_WIDTH = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
 _TOWER_ACT = {"clip_l": "quick_gelu", "clip_h": "gelu", "clip_g": "gelu"}
 _TOWER_PAD = {"clip_l": END_TOKEN, "clip_h": ZERO_PAD, "clip_g": ZERO_PAD}
 
@@ -438,9 +437,9 @@ _TOWER_PAD = {"clip_l": END_TOKEN, "clip_h": ZERO_PAD, "clip_g": ZERO_PAD}
 def _check_width(name: str, tower: Mapping[str, Tensor], family: Family) -> None:
     tokens = tower.get("text_model.embeddings.token_embedding.weight")
     width = int(tokens.shape[1]) if tokens is not None else 0
-    if width != _TOWER_WIDTH[name]:
+    if width != TOWER_WIDTH[name]:
         raise TextEncoderError(f"the {name} text encoder of this {family.label} model is {width} wide, not "
-                               f"{_TOWER_WIDTH[name]}: the checkpoint mixes parts of different models")
+                               f"{TOWER_WIDTH[name]}: the checkpoint mixes parts of different models")
 
 
 def encoder_from_towers(towers: Mapping[str, Mapping[str, Tensor]], family: Family | str, tokenizer_folders:
