@@ -450,6 +450,47 @@ def _add_train_spm_parser(sub) -> None:
     train.set_defaults(run=_train_spm)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# train-geom
+
+
+def _train_geom(args: argparse.Namespace) -> int:
+    from .geom_train import run_cli
+
+    try:
+        return run_cli(args)
+    except (OSError, ValueError) as err:  # GeomError is a ValueError: bad boxes, cells, files
+        return _error(err)
+
+
+def _add_train_geom_parser(sub) -> None:
+    from .geom_erasing import CONCEPTS
+    from .geom_train import GeomTrainConfig
+
+    d = GeomTrainConfig()
+    train = sub.add_parser(
+        "train-geom", help="learn Geom-Erasing location tokens of an implicit concept (for negative prompts)",
+        description="Learn one token embedding per grid cell for an implicit concept (model-removal setting: UNet "
+                    "and text encoder frozen, loss re-weighted by the detector boxes), on the shapes world's stamp "
+                    "(default) or a captioned image folder with boxes. The file goes to ComfyUI's "
+                    "models/embeddings for the 'Geom-Erasing Negative' node.")
+    train.add_argument("--out", required=True, metavar="FILE", help="the location-token file (.safetensors)")
+    train.add_argument("--concept", default="stamp", help=f"its name, e.g. {', '.join(CONCEPTS)} (default stamp)")
+    train.add_argument("--data", default=None, metavar="DIR",
+                       help='images + metadata.jsonl ({"file_name", "text", "boxes"} per line); default: the '
+                            "shapes world's training images and stamp boxes")
+    train.add_argument("--images", type=int, default=2048, help="shapes-world images without --data (default 2048)")
+    train.add_argument("--model", default=None, metavar="DIR", help="a shapes-world model folder (default: shipped)")
+    train.add_argument("--grid", type=int, default=d.grid, help=f"k of the k x k grid (default {d.grid})")
+    train.add_argument("--alpha", type=float, default=d.alpha,
+                       help=f"re-weighting; > 1 down-weights the concept's pixels (default {d.alpha:g})")
+    train.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    train.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g}")
+    train.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    train.set_defaults(run=_train_geom)
+
+
 def _add_fixtures_parser(sub) -> None:
     from .fixtures import CHECKPOINT
 
@@ -506,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_world_parsers(sub)
     _add_train_spm_parser(sub)
+    _add_train_geom_parser(sub)
     _add_batch_parser(sub)
     _add_fixtures_parser(sub)
 

@@ -1,0 +1,203 @@
+"""Geom-Erasing: location-token files, negative-prompt building and its errors, the ComfyUI node against
+CLIPTextEncode (plain words, and learned tokens against ComfyUI's own `embedding:` loader), and training."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import erasekit
+from erasekit.erasers import geom_erasing as geom
+from erasekit.erasers import geom_train as gt
+from erasekit.erasers.geom_erasing import GeomError, LocationTokens
+from erasekit.erasers.shapes import data
+
+NODE = "EraseKitGeomErasingNegative"
+
+
+def _tokens(width: int = 8, grid: int = 3, seed: int = 0) -> LocationTokens:
+    vectors = torch.randn(grid * grid, width, generator=torch.Generator().manual_seed(seed))
+    return LocationTokens("stamp", grid, list(range(grid * grid)), vectors, "sd1")
+
+
+def test_file_round_trip_and_subset(tmp_path):
+    tokens = _tokens()
+    tokens.save(tmp_path / "stamp.safetensors")
+    loaded = LocationTokens.load(tmp_path / "stamp.safetensors")
+    assert (loaded.concept, loaded.grid, loaded.cells, loaded.family) == ("stamp", 3, list(range(9)), "sd1")
+    assert torch.equal(loaded.vectors, tokens.vectors)
+    corners = loaded.subset("8, 0 2 6")
+    corners.save(tmp_path / "corners.safetensors")
+    again = LocationTokens.load(tmp_path / "corners.safetensors")
+    assert again.cells == [0, 2, 6, 8] and torch.equal(again.vectors, tokens.vectors[[0, 2, 6, 8]])
+    with pytest.raises(GeomError, match=r"no tokens for cells \[4\]"):
+        again.select([4])
+
+
+def test_load_refuses_other_files(tmp_path):
+    save_file({"emb_params": torch.zeros(2, 8)}, str(tmp_path / "ti.safetensors"))
+    with pytest.raises(GeomError, match="not a Geom-Erasing location-token file"):
+        LocationTokens.load(tmp_path / "ti.safetensors")
+
+
+def test_cells_and_boxes():
+    assert geom.parse_cells("everywhere", 3) == list(range(9))
+    assert geom.parse_cells("2, 0", 3) == [0, 2]
+    with pytest.raises(GeomError, match=r"unknown grid cells \[9\].*0..8"):
+        geom.parse_cells("0 9", 3)
+    with pytest.raises(GeomError, match="cell numbers"):
+        geom.parse_cells("top left", 3)
+    # The shapes world's stamps sit in single corner cells of a 3x3 grid; a centred box covers 4 cells of 4x4.
+    assert [geom.cells_of_box(data.stamp_box(c), data.SIZE, data.SIZE, 3) for c in range(4)] == [[0], [2], [6], [8]]
+    assert geom.cells_of_box((8, 8, 24, 24), 32, 32, 4) == [5, 6, 9, 10]
+    with pytest.raises(GeomError, match="not inside the 32x32 image"):
+        geom.cells_of_box((30, 0, 34, 4), 32, 32, 3)
+
+
+def test_plain_negative_text():
+    assert [geom.cell_phrase(c, 3) for c in range(9)] == list(data.POSITIONS)
+    assert geom.plain_negative("watermark", range(9), 3) == "watermark"
+    assert geom.plain_negative("stamp", [0, 8], 3) == "stamp in the top left, stamp in the bottom right"
+    assert geom.plain_negative("text", [0, 1], 6) == "text in the top left"  # both cells lie in the same third
+    assert geom.append_negative("blurry, ", "qr code") == "blurry, qr code"
+    assert geom.append_negative("", "qr code") == "qr code"
+    with pytest.raises(GeomError, match="custom"):
+        geom.concept_name("custom", " ")
+
+
+def test_width_check():
+    with pytest.raises(GeomError, match="8 wide but this text encoder embeds tokens 768 wide"):
+        _tokens().check_width(768)
+
+
+# ComfyUI node ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    return tmp_path_factory.mktemp("embeddings")
+
+
+@pytest.fixture(scope="module")
+def clip(comfy, tiny_checkpoint, embeddings):
+    with torch.no_grad():
+        _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
+                                                              output_clip=True, embedding_directory=str(embeddings))
+    return clip
+
+
+@pytest.fixture
+def node(clip, embeddings, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "embeddings", ([str(embeddings)], {".safetensors"}))
+    return erasekit.NODE_CLASS_MAPPINGS[NODE]()
+
+
+def _encode(clip, text: str) -> torch.Tensor:
+    import nodes
+
+    with torch.inference_mode():
+        return nodes.CLIPTextEncode().encode(clip, text)[0][0][0]
+
+
+def _node(node, clip, **kw) -> torch.Tensor:
+    args = dict(concept="stamp", custom_concept="", locations="everywhere", grid=3, embedding="none (plain words)",
+                negative="")
+    with torch.inference_mode():
+        (conditioning,) = node.build(clip, **{**args, **kw})
+    return conditioning[0][0]
+
+
+def test_node_plain_words_equal_cliptextencode(node, clip):
+    out = _node(node, clip, concept="custom", custom_concept="logo", locations="0, 8", negative="blurry")
+    assert torch.equal(out, _encode(clip, "blurry, logo in the top left, logo in the bottom right"))
+
+
+def test_node_learned_tokens_equal_comfyuis_embedding_loader(node, clip, embeddings):
+    tokens = _tokens(width=768)
+    tokens.save(embeddings / "stamp-geom.safetensors")
+    tokens.subset([0, 2]).save(embeddings / "stamp-top.safetensors")  # ComfyUI reads the stored cells' vectors
+    out = _node(node, clip, locations="2 0", embedding="stamp-geom.safetensors", negative="blurry")
+    reference = _encode(clip, "blurry, stamp embedding:stamp-top")
+    assert torch.equal(out, reference)
+    assert not torch.equal(out, _encode(clip, "blurry, stamp"))
+
+
+def test_node_errors(node, clip, embeddings):
+    _tokens(width=8).save(embeddings / "narrow.safetensors")
+    with pytest.raises(GeomError, match="8 wide but this CLIP"):
+        _node(node, clip, embedding="narrow.safetensors")
+    with pytest.raises(GeomError, match="3x3 grid; set grid to 3"):
+        _node(node, clip, embedding="narrow.safetensors", grid=4)
+    with pytest.raises(GeomError, match="not 'watermark'"):
+        _node(node, clip, embedding="narrow.safetensors", concept="watermark")
+    with pytest.raises(GeomError, match="unknown grid cells"):
+        _node(node, clip, locations="12")
+
+
+# Training ----------------------------------------------------------------------------------------------------------
+
+def test_weight_map_is_the_papers():
+    w = gt.weight_map([0], 3, 6, 6, alpha=2.0)
+    inside, outside = 9 / (1 + 2 * 8), 2 * 9 / (1 + 2 * 8)
+    assert torch.allclose(w[:2, :2], torch.tensor(inside)) and torch.allclose(w[4:, 4:], torch.tensor(outside))
+    assert torch.isclose(w.sum() / 4, torch.tensor(9.0))  # 4 pixels per cell: the weights sum to T over cells
+
+
+def test_training_lowers_the_loss_of_stamped_captions():
+    from diffusers import DDPMScheduler
+
+    from erasekit.erasers.shapes.model import ShapesPipeline
+
+    pipe = ShapesPipeline.load()
+    images, captions, specs = data.batch(7, 24, dropout=0.0)
+    boxes = [[data.stamp_box(s.stamp)] if s.stamp is not None else [] for s in specs]
+    config = gt.GeomTrainConfig(steps=25, batch_size=8, lr=0.05)
+    tokens = gt.train_location_tokens(pipe, torch.from_numpy(images), captions, boxes, "stamp", config)
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # the caller's flags are restored
+
+    stamped = [i for i, b in enumerate(boxes) if b]
+    x0 = torch.from_numpy(images[stamped])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.linspace(50, 950, len(stamped)).long()
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    vocab = pipe.text_encoder.get_input_embeddings().weight.shape[0]
+    cells = [geom.cells_of_box(boxes[i][0], data.SIZE, data.SIZE, 3) for i in stamped]
+    ids = torch.tensor([gt._caption_ids(pipe.tokenizer, captions[i], "stamp", cs, {c: vocab + c for c in range(9)})
+                        for i, cs in zip(stamped, cells)])
+
+    def loss(vectors):
+        with torch.no_grad():
+            context = gt.encode_with_tokens(pipe.text_encoder, ids, vectors)
+            eps = pipe.unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+        return torch.nn.functional.mse_loss(eps, noise).item()
+
+    table = pipe.text_encoder.get_input_embeddings().weight
+    start = table[pipe.tokenizer("stamp", add_special_tokens=False)["input_ids"]].mean(0).repeat(9, 1)
+    assert loss(tokens.vectors) < loss(start)
+    # The diffusers-side negative: without cells it is the plain encoding; with them the tokens follow the text.
+    assert torch.allclose(gt.encode_negative(pipe, "stamp", tokens, []), pipe.encode(["stamp"]), atol=1e-6)
+    assert not torch.allclose(gt.encode_negative(pipe, "stamp", tokens, [0]), pipe.encode(["stamp"]), atol=1e-3)
+
+
+def test_cli_trains_from_a_captioned_folder_and_reports_bad_boxes(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from erasekit.erasers.cli import main
+
+    images, captions, specs = data.batch(3, 6, dropout=0.0)
+    rows = []
+    for i, (image, caption, spec) in enumerate(zip(images, captions, specs)):
+        Image.fromarray(((image.transpose(1, 2, 0) + 1) * 127.5).round().astype("uint8")).save(tmp_path / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": caption, "boxes": [list(data.stamp_box(i % 4))]})
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "stamp.safetensors"
+    assert main(["train-geom", "--data", str(tmp_path), "--out", str(out), "--steps", "2", "--batch-size", "2"]) == 0
+    assert LocationTokens.load(out).cells == list(range(9))
+
+    rows[0]["boxes"] = [[28, 28, 40, 40]]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["train-geom", "--data", str(tmp_path), "--out", str(out), "--steps", "2"]) == 2
+    assert "not inside the 32x32 image" in capsys.readouterr().err
