@@ -106,8 +106,8 @@ def test_demo_writes_grid_and_metrics(tmp_path):
 
     assert main(["demo", "--out", str(tmp_path), "-n", "6"]) == 0
     result = json.loads((tmp_path / "metrics.json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["original", "uce", "rece", "trce"]
+    assert [r["method"] for r in result["rows"]] == ["original", "uce", "rece", "trce", "spm"]  # circle ships
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.width > 4 * 128 and grid.height > 3 * 128  # columns: original + 3 methods; rows: erased, synonym, other
+    assert grid.width > 5 * 128 and grid.height > 3 * 128  # columns: original + 4 methods; rows: erased, synonym, other
