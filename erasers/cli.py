@@ -345,7 +345,8 @@ def _add_world_parsers(sub) -> None:
     demo.add_argument("--out", default="erasekit-demo", help="output folder (default: ./erasekit-demo)")
     demo.add_argument("--concept", default="circle", help="a shape, colour, pattern or 'stamp' (default: circle)")
     demo.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: all of {', '.join(METHODS)}")
-    demo.add_argument("-n", type=int, default=24, help="images per metric cell (default 24; eval uses 50)")
+    demo.add_argument("-n", type=int, default=18,
+                      help="images per metric cell (default 18: one pass over a shape's prompts; eval uses 50)")
     demo.set_defaults(run=_demo)
 
     ev = sub.add_parser("eval", help="the shapes-world table: every method on several concepts (markdown + JSON)")

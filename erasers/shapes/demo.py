@@ -142,7 +142,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, concept: str = "circle", method_names: list[str] | None = None, n: int = 24) -> dict:
+def run_demo(out: Path, concept: str = "circle", method_names: list[str] | None = None, n: int = 18) -> dict:
     out = writable_dir(Path(out))
     method_names = list(method_names or methods.METHODS)
     methods.check_methods(method_names)
