@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,29 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def loaded(comfy, tiny_checkpoint):
+    """The tiny checkpoint loaded in-process by ComfyUI: (ModelPatcher, CLIP)."""
+    import torch
+
+    with torch.no_grad():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
+                                                                  output_clip=True)
+    return model, clip
+
+
+@contextmanager
+def started_server(workdir: Path, checkpoint: Path):
+    """A real ComfyUI server in `workdir` with the pack linked in and `checkpoint` in models/checkpoints."""
+    server = ComfyServer(workdir=workdir)
+    try:
+        server.start()
+        (server.models_dir / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory, tiny_checkpoint):
     """A real ComfyUI server with the pack linked in and the tiny checkpoint in models/checkpoints.
@@ -65,13 +89,10 @@ def comfy_server(tmp_path_factory, tiny_checkpoint):
     Started once per test session on a free loopback port; its log is kept under artifacts/ after the run.
     """
     workdir = tmp_path_factory.mktemp("comfyui")
-    server = ComfyServer(workdir=workdir)
     try:
-        server.start()
-        (server.models_dir / "checkpoints" / tiny_checkpoint.name).symlink_to(tiny_checkpoint)
-        yield server
+        with started_server(workdir, tiny_checkpoint) as server:
+            yield server
     finally:
-        server.stop()
         log = workdir / "comfyui.log"
         if log.exists():
             ARTIFACTS.mkdir(exist_ok=True)

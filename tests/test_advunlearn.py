@@ -274,14 +274,6 @@ def test_diffusers_swap_refuses_other_widths_and_layer_counts(released, tokenize
 # --- ComfyUI --------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def loaded(comfy, tiny_checkpoint):
-    with torch.no_grad():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
-                                                                  output_clip=True)
-    return model, clip
-
-
 @pytest.fixture
 def encoders_folder(comfy, released, monkeypatch):
     """models/clip (models/text_encoders in the newest ComfyUI) holding the released folder."""

@@ -19,7 +19,8 @@ from PIL import Image
 import erasekit
 from erasekit.erasers import batch
 from erasekit.erasers.batch import BatchError, Workflow
-from erasekit.erasers.comfy_server import ComfyClient, ComfyServer
+from conftest import started_server
+from erasekit.erasers.comfy_server import ComfyClient
 from erasekit.erasers.prompt_lists import PromptItem, PromptListError, parse_csv, parse_text, read_prompt_file, select
 
 NODE = "EraseKitPromptList"
@@ -545,13 +546,8 @@ def test_an_sdxl_folder_takes_its_erasures(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def second_server(tmp_path_factory, tiny_checkpoint):
-    server = ComfyServer(workdir=tmp_path_factory.mktemp("comfyui-second"))
-    try:
-        server.start()
-        (server.models_dir / "checkpoints" / tiny_checkpoint.name).symlink_to(tiny_checkpoint)
+    with started_server(tmp_path_factory.mktemp("comfyui-second"), tiny_checkpoint) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _finished(out: Path) -> list[dict]:

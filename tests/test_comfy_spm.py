@@ -59,14 +59,6 @@ def membranes(tmp_path_factory) -> dict[str, object]:
     return {"folder": folder, **{n: spm.load_membrane(folder / f"{n}.safetensors") for n in ("circle", "square")}}
 
 
-@pytest.fixture(scope="module")
-def loaded(comfy, tiny_checkpoint):
-    with torch.no_grad():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
-                                                                  output_clip=True)
-    return model, clip
-
-
 @pytest.fixture
 def spm_folder(comfy, membranes, monkeypatch):
     import folder_paths
