@@ -43,6 +43,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic_write import SUFFIX, write_atomic
 from .comfy_server import ComfyClient, ComfyError
 from .prompt_lists import PromptItem
 
@@ -74,13 +75,6 @@ def add_png_text(png: bytes, key: str, text: str) -> bytes:
     return png[:33] + chunk + png[33:]  # 33: signature (8) + IHDR chunk (4 + 4 + 13 + 4)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """A killed run leaves at most a stray temporary file, never a partial `path`."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 class Manifest:
     """DIR/manifest.jsonl. Opening it keeps the lines whose files all exist (the first per index) and drops the rest
     (a line cut short by a kill, files deleted since), so each line left is a prompt complete on disk. `settings`
@@ -93,7 +87,7 @@ class Manifest:
             raise BatchError(f"{out} holds files but no {MANIFEST}, so it is not a batch's folder: give a new or "
                              "empty folder (batch would overwrite files named like its own)")
         out.mkdir(parents=True, exist_ok=True)
-        for stray in out.glob(".*.tmp"):  # temporary files of a killed run
+        for stray in out.glob(f".*{SUFFIX}"):  # temporary files of a killed run
             stray.unlink()
         self.done: dict[int, dict] = {}
         listed = {item.index: item for item in items}
@@ -107,7 +101,7 @@ class Manifest:
                 self._check(record, number, listed.get(index), erasures)
                 if index not in self.done and all((out / name).is_file() for name in files):
                     self.done[index] = record
-            _write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()).encode())
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()).encode())
         self._file = open(self.path, "a", encoding="utf-8")
         self._lock = threading.Lock()
 
@@ -134,7 +128,7 @@ class Manifest:
             name = f"{item.index:05d}{'' if len(images) == 1 else f'_{k}'}{suffix}"
             if suffix.lower() == ".png":
                 data = add_png_text(data, PNG_KEY, json.dumps(erasures))
-            _write_atomic(self.out / name, data)
+            write_atomic(self.out / name, data)
             names.append(name)
         record = {"index": item.index, "prompt": item.prompt, "seed": item.seed, "guidance": item.guidance,
                   "categories": item.categories, "erasures": erasures, "files": names, "server": server,

@@ -32,6 +32,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from .atomic_write import write_atomic
 from .families import FAMILIES, TOWER_WIDTH, Family
 from .text import CONTEXT_TOKENS, TransformersEncoder
 
@@ -322,20 +323,9 @@ def bpe_to_tokenizer_files(bpe_path: str | os.PathLike, folder: str | os.PathLik
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
-    _write_atomic(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_atomic(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
+    write_atomic(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return folder
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
 
 
 def _has_tokenizer_files(folder: Path) -> bool:
