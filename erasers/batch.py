@@ -32,7 +32,6 @@ import http.client
 import inspect
 import io
 import json
-import os
 import queue
 import struct
 import sys
