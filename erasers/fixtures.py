@@ -4,7 +4,10 @@ tests run them this way) or before the real ones are in place.
 
 Each file has the layout of the real thing: the checkpoint is a single LDM-layout file (checkpoints/), the membranes
 are official SPM files (spm/), the erasure is an EraseKit erasure file (erasers/) computed with UCE from the
-checkpoint's own text encoder, as `erasekit erase` computes it. A file that exists is kept unless `force`.
+checkpoint's own text encoder, as `erasekit erase` computes it. The AdvUnlearn encoder is a released folder
+(`config.json` + `pytorch_model.bin`, transformers names) holding the checkpoint's own CLIP-L with seeded changes
+where AdvUnlearn trains (clip/), and the Geom-Erasing file holds seeded location tokens as wide as that encoder
+(embeddings/). A file that exists is kept unless `force`.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from ..nodes.advunlearn import FOLDER as ADVUNLEARN_FOLDER
 from ..nodes.closed_form import FOLDER as ERASERS_FOLDER
 from ..nodes.spm import FOLDER as SPM_FOLDER
 
@@ -22,6 +26,14 @@ MEMBRANES = {"snoopy_last.safetensors": "Snoopy", "mickey_last.safetensors": "Mi
 ERASURE = "erasekit/van_gogh_00001.safetensors"
 ERASURE_CONCEPT, ERASURE_GUIDE = "Van Gogh", "art"
 TINY_MODEL = "tiny-sd15"  # the checkpoint's "erasekit.model" metadata
+# The released OPTML-Group/AdvUnlearn folder's file, so a user who downloads that folder into models/text_encoders
+# finds the workflow pointing at it. Written under models/clip: the 2024 ComfyUI lists only that folder for the
+# node's "clip" files, the newest lists it under text_encoders too.
+ADVUNLEARN_ENCODER = "vangogh_unlearned/pytorch_model.bin"
+# How far the seeded changes move each trained tensor, relative to its RMS: enough that the images differ.
+ADVUNLEARN_CHANGE = 0.1
+LOCATION_TOKENS = "geom_watermark.safetensors"
+LOCATION_CONCEPT, LOCATION_GRID = "watermark", 3
 
 
 def write_fixtures(models_dir: str | os.PathLike, checkpoint_name: str = CHECKPOINT, force: bool = False,
@@ -29,7 +41,8 @@ def write_fixtures(models_dir: str | os.PathLike, checkpoint_name: str = CHECKPO
                    report: Callable[[str], None] = print) -> list[Path]:
     """Write the workflows' model files under `models_dir` (ComfyUI's models folder); return the paths written.
 
-    The erasure is computed from the checkpoint found under `checkpoint_name`, the one written or one kept.
+    The erasure, the AdvUnlearn encoder and the location tokens are made from the checkpoint found under
+    `checkpoint_name`, the one written or one kept.
     """
     from . import concept_edit
     from .pipeline_files import open_model
@@ -69,6 +82,18 @@ def write_fixtures(models_dir: str | os.PathLike, checkpoint_name: str = CHECKPO
         options = concept_edit.EraseOptions(method="uce", concepts=[ERASURE_CONCEPT], guide=[ERASURE_GUIDE])
         erasure = concept_edit.erase(kv, model.encoder(tokenizer_dir=tokenizer_dir), model.family.name, options)
         wrote(erasure.save(erasure_path))
+
+    encoder_path = models / ADVUNLEARN_FOLDER / ADVUNLEARN_ENCODER
+    tokens_path = models / "embeddings" / LOCATION_TOKENS
+    to_write = [wanted(encoder_path), wanted(tokens_path)]
+    if any(to_write):
+        tower = _clip_l(checkpoint)
+        if to_write[0]:
+            wrote(_write_advunlearn_folder(tower, encoder_path))
+        if to_write[1]:
+            tokens_path.parent.mkdir(parents=True, exist_ok=True)
+            _location_tokens(tower).save(tokens_path)
+            wrote(tokens_path)
     return written
 
 
@@ -93,3 +118,59 @@ def _tiny_membranes(concepts: list[str]):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**TINY_SD15_UNET_CONFIG)
     return random_membranes(membrane_targets(unet), concepts)
+
+
+def _clip_l(checkpoint: Path) -> dict:
+    """The SD1.x checkpoint's CLIP-L text encoder in transformers names, read without the rest of the file where the
+    format allows (a real SD1.5 checkpoint is 4 GB)."""
+    from .checkpoints import SAFETENSORS_SUFFIXES, read_checkpoint
+    from .text_encoders import CLIP_L_SD1, checkpoint_text_towers
+
+    if checkpoint.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from safetensors import safe_open
+
+        with safe_open(str(checkpoint), framework="pt") as handle:
+            state = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(CLIP_L_SD1)}
+    else:
+        state = read_checkpoint(checkpoint)
+    return checkpoint_text_towers(state, "sd1")["clip_l"]
+
+
+def _write_advunlearn_folder(tower: dict, path: Path) -> Path:
+    """`path` (the folder's pytorch_model.bin) and config.json beside it: `tower` with seeded changes to what
+    AdvUnlearn's `text_encoder_full` trains (the encoder layers and final norm; the embeddings stay frozen, as in
+    the released encoders), in the tower's dtype."""
+    import torch
+
+    from .text_encoders import clip_text_config
+
+    generator = torch.Generator().manual_seed(0)
+    changed = {}
+    for key in sorted(tower):
+        tensor = tower[key]
+        if key.startswith(("text_model.encoder.", "text_model.final_layer_norm.")):
+            weight = tensor.float()
+            noise = torch.randn(weight.shape, generator=generator)
+            tensor = (weight + ADVUNLEARN_CHANGE * weight.square().mean().sqrt() * noise).to(tensor.dtype)
+        changed[key] = tensor.contiguous()
+    config = clip_text_config(changed, "quick_gelu")  # OpenAI CLIP-L's activation, as the released config.json
+    config.architectures = ["CLIPTextModel"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config.to_json_file(str(path.parent / "config.json"))
+    torch.save(changed, path)
+    return path
+
+
+def _location_tokens(tower: dict):
+    """Seeded vectors for every cell of the grid, as wide as the text encoder's token embeddings and of their scale."""
+    import torch
+
+    from .advunlearn import TOKEN_EMBEDDING
+    from .geom_erasing import LocationTokens
+
+    embedding = tower[TOKEN_EMBEDDING].float()
+    generator = torch.Generator().manual_seed(1)
+    cells = list(range(LOCATION_GRID * LOCATION_GRID))
+    vectors = torch.randn(len(cells), embedding.shape[1], generator=generator) * embedding.std()
+    return LocationTokens(LOCATION_CONCEPT, LOCATION_GRID, cells, vectors, family="sd1",
+                          extra={"erasekit.fixture": "seeded random vectors, not trained"})

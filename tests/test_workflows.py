@@ -14,13 +14,19 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import erasekit
 from erasekit.erasers import fixtures
+from erasekit.erasers.advunlearn import check_fits, load_advunlearn
 from erasekit.erasers.batch import Workflow, run_comfy
+from erasekit.erasers.checkpoints import read_checkpoint
 from erasekit.erasers.cli import main
 from erasekit.erasers.comfy_server import PACK_FOLDER, ComfyError, locate_comfyui
 from erasekit.erasers.erasure import Erasure
+from erasekit.erasers.geom_erasing import LocationTokens
 from erasekit.erasers.prompt_lists import parse_text
 from erasekit.erasers.spm import load_membrane
+from erasekit.erasers.text_encoders import checkpoint_text_towers
+from erasekit.nodes.advunlearn import FOLDER as ADVUNLEARN_FOLDER
 from erasekit.nodes.closed_form import FOLDER as ERASERS_FOLDER
 from erasekit.nodes.spm import FOLDER as SPM_FOLDER
 
@@ -33,7 +39,9 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Node inputs that name a model file, and the models/ folder the file is in.
 MODEL_FILE_INPUTS = {("CheckpointLoaderSimple", "ckpt_name"): "checkpoints",
                      ("EraseKitLoadMembrane", "membrane_name"): SPM_FOLDER,
-                     ("EraseKitLoadErasure", "erasure_name"): ERASERS_FOLDER}
+                     ("EraseKitLoadErasure", "erasure_name"): ERASERS_FOLDER,
+                     ("EraseKitLoadAdvUnlearn", "encoder_name"): ADVUNLEARN_FOLDER,
+                     ("EraseKitGeomErasingNegative", "embedding"): "embeddings"}
 
 
 def _ui(name: str) -> dict:
@@ -66,9 +74,18 @@ def test_example_workflows_are_the_ui_workflows():
                          "`rm example_workflows/*.json && cp workflows/ui/*.json example_workflows/`")
 
 
+def test_every_node_that_changes_the_images_has_a_workflow():
+    """Only a node that just reports (a STRING, like Inspect Model) may be missing from the shipped workflows."""
+    used = {node["class_type"] for name in NAMES for node in _api(name).values()}
+    missing = sorted(kind for kind, cls in erasekit.NODE_CLASS_MAPPINGS.items()
+                     if set(cls.RETURN_TYPES) != {"STRING"} and kind not in used)
+    assert not missing, f"no workflow in workflows/ shows {missing}"
+
+
 def test_fixtures_write_every_model_file_the_workflows_name():
     written = {("checkpoints", fixtures.CHECKPOINT), (ERASERS_FOLDER, fixtures.ERASURE),
-               *((SPM_FOLDER, name) for name in fixtures.MEMBRANES)}
+               *((SPM_FOLDER, name) for name in fixtures.MEMBRANES),
+               (ADVUNLEARN_FOLDER, fixtures.ADVUNLEARN_ENCODER), ("embeddings", fixtures.LOCATION_TOKENS)}
     named = set()
     for name in NAMES:
         for node in _api(name).values():
@@ -86,7 +103,8 @@ def test_fixtures_keep_the_files_that_exist(tmp_path):
     checkpoint.parent.mkdir()
     save_file({"weight": torch.zeros(1)}, str(checkpoint))  # the user's own checkpoint, not the tiny one
     others = [*(tmp_path / SPM_FOLDER / name for name in fixtures.MEMBRANES),
-              tmp_path / ERASERS_FOLDER / fixtures.ERASURE]
+              tmp_path / ERASERS_FOLDER / fixtures.ERASURE, tmp_path / ADVUNLEARN_FOLDER / fixtures.ADVUNLEARN_ENCODER,
+              tmp_path / "embeddings" / fixtures.LOCATION_TOKENS]
     for path in others:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"the user's own file")
@@ -116,10 +134,24 @@ def test_fixtures_command_writes_what_is_missing_and_force_replaces(capsys, tmp_
     assert load_membrane(models / SPM_FOLDER / "mickey_last.safetensors").concepts == ["Mickey Mouse"]
     erasure = Erasure.load(models / ERASERS_FOLDER / fixtures.ERASURE)
     assert (erasure.method, erasure.family, erasure.concepts, erasure.guide) == ("uce", "sd1", ["Van Gogh"], ["art"])
+    # The AdvUnlearn folder: the checkpoint's own CLIP-L, changed where AdvUnlearn trains, embeddings kept.
+    encoder_file = models / ADVUNLEARN_FOLDER / fixtures.ADVUNLEARN_ENCODER
+    encoder = load_advunlearn(encoder_file)
+    assert load_advunlearn(encoder_file.parent).state_dict.keys() == encoder.state_dict.keys()  # config.json read
+    own = checkpoint_text_towers(read_checkpoint(tiny_checkpoint), "sd1")["clip_l"]
+    check_fits(encoder, {k: v.shape for k, v in own.items()}, "the tiny checkpoint's CLIP")
+    changed = {k for k, v in own.items() if not torch.equal(v, encoder.state_dict[k])}
+    assert changed and all(k.startswith(("text_model.encoder.", "text_model.final_layer_norm.")) for k in changed)
+    tokens = LocationTokens.load(models / "embeddings" / fixtures.LOCATION_TOKENS)
+    width = own["text_model.embeddings.token_embedding.weight"].shape[1]
+    assert (tokens.concept, tokens.grid, tokens.cells, tokens.width, tokens.family) == \
+        (fixtures.LOCATION_CONCEPT, 3, list(range(9)), width, "sd1")
 
     assert main([*args, "--force"]) == 0
     assert "kept" not in capsys.readouterr().out
     assert load_membrane(user_membrane).concepts == ["Snoopy"]
+    again = load_advunlearn(encoder_file).state_dict  # seeded: the same encoder again
+    assert all(torch.equal(again[k], v) for k, v in encoder.state_dict.items())
     assert not (models / "checkpoints" / "tiny.safetensors").is_symlink()
     assert filecmp.cmp(models / "checkpoints" / "tiny.safetensors", tiny_checkpoint, shallow=False)
 
