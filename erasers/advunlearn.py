@@ -56,16 +56,17 @@ class AdvUnlearnEncoder:
         return transformers_layers(self.state_dict)
 
 
-def load_advunlearn(path: str | os.PathLike) -> AdvUnlearnEncoder:
+def load_advunlearn(path: str | os.PathLike, width: int = CLIP_L_WIDTH) -> AdvUnlearnEncoder:
     """Read an AdvUnlearn text encoder in any of the layouts in the module notes. Errors (`TextEncoderError`) say
     what the file is instead: a pickle that is not weights only, another family's text encoder, or which key prefixes
-    an unknown file holds."""
+    an unknown file holds. `width` is the text encoder's expected width: CLIP-L's, except for models of their own
+    (the shapes world's 64)."""
     path = Path(path)
     try:
         state, config = _read_folder(path) if path.is_dir() else (read_checkpoint(path), None)
     except CheckpointError as err:
         raise TextEncoderError(str(err)) from err
-    tower = _clip_text_tower(state, path.name)
+    tower = _clip_text_tower(state, path.name, width)
     config = config if config is not None else clip_text_config(tower, "quick_gelu")  # OpenAI CLIP-L's activation
     build_clip_text_model(tower, config)  # raises unless these are every weight of a CLIPTextModel of this config
     return AdvUnlearnEncoder(tower, config, str(path))
@@ -85,7 +86,7 @@ def _read_folder(folder: Path):
     return read_component(folder), config
 
 
-def _clip_text_tower(state: Mapping[str, Tensor], name: str) -> dict[str, Tensor]:
+def _clip_text_tower(state: Mapping[str, Tensor], name: str, expected: int) -> dict[str, Tensor]:
     training = _TRAINING_PREFIX + "text_model."
     if any(k.startswith(training) for k in state):
         tower = {k[len(_TRAINING_PREFIX):]: v for k, v in state.items() if k.startswith(training)}
@@ -102,7 +103,7 @@ def _clip_text_tower(state: Mapping[str, Tensor], name: str) -> dict[str, Tensor
                                f"text_model.*, {CLIP_L_SD1}text_model.*, {_TRAINING_PREFIX}text_model.*); key "
                                f"prefixes found: {_key_prefixes(state)}")
     width = int(tower[TOKEN_EMBEDDING].shape[1])
-    if width != CLIP_L_WIDTH:
+    if width != expected:
         raise not_sd1(name, {_tower_of_width(width): width})
     return tower
 
@@ -150,14 +151,16 @@ def check_fits(encoder: AdvUnlearnEncoder, shapes: Mapping[str, Sequence[int]], 
 _ORIGINALS = "_erasekit_advunlearn_originals"
 
 
-def _sd1_text_encoder(pipe) -> torch.nn.Module:
+def _replaceable_text_encoder(pipe, encoder: AdvUnlearnEncoder) -> torch.nn.Module:
+    """The pipeline's one text encoder, if it is as wide as `encoder` and is all the UNet reads (SD1.x for CLIP-L)."""
     text_encoder = getattr(pipe, "text_encoder", None)
     if text_encoder is None:
         raise TextEncoderError("this pipeline has no text_encoder")
     width = int(text_encoder.config.hidden_size)
     unet = getattr(pipe, "unet", None)
     context = int(unet.config.cross_attention_dim) if unet is not None else width
-    if getattr(pipe, "text_encoder_2", None) is not None or width != CLIP_L_WIDTH or context != CLIP_L_WIDTH:
+    expected = int(encoder.config.hidden_size)
+    if getattr(pipe, "text_encoder_2", None) is not None or width != expected or context != expected:
         try:
             label = family_from_context_dim(context).label
         except FamilyError:
@@ -172,7 +175,7 @@ def swap_text_encoder(pipe, encoder: AdvUnlearnEncoder, strength: float = 1.0) -
     own, 1: AdvUnlearn's). The module stays the same object, so its device, dtype and any offloading hooks stay; its
     own tensors are kept aside at the first swap, so a second swap blends from them and `restore_text_encoder`
     puts them back exactly."""
-    text_encoder = _sd1_text_encoder(pipe)
+    text_encoder = _replaceable_text_encoder(pipe, encoder)
     own = text_encoder.state_dict()  # tensors sharing storage with the parameters
     check_fits(encoder, {k: v.shape for k, v in own.items()}, "the pipeline's text encoder")
     originals: dict[str, Tensor] = getattr(text_encoder, _ORIGINALS, {})

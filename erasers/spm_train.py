@@ -29,21 +29,19 @@ world (no VAE; trained at its fixed 32×32). SDXL is not supported (NotImplement
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import resumable
+from .resumable import Progress, resume_path
 from .spm import Membrane, MembraneLayer, MembraneStack, save_membrane
 from .spm_diffusers import membrane_targets
 from .text import TransformersEncoder
-
-Progress = Callable[[int, int, Mapping[str, float]], None]
-
 
 @dataclass
 class SPMTrainConfig:
@@ -183,7 +181,7 @@ def _check_supported(pipe) -> None:
                                   "SPM training does not provide; SD1.x/SD2.x-style UNets are supported")
 
 
-def _ddim(scheduler_config: Mapping, fallback_prediction: str = "epsilon"):
+def official_ddim(scheduler_config: Mapping, fallback_prediction: str = "epsilon"):
     """The official DDIM (steps_offset 0, set_alpha_to_one, leading spacing, no clipping) on the model's betas."""
     from diffusers import DDIMScheduler
 
@@ -230,9 +228,9 @@ class SPMTrainer:
         self.channels, self.sample_size = unet.config.in_channels, unet.config.sample_size
 
         scheduler_config = dict(getattr(getattr(pipe, "scheduler", None), "config", None) or {})
-        self.rollout_scheduler = _ddim(scheduler_config)
+        self.rollout_scheduler = official_ddim(scheduler_config)
         self.rollout_scheduler.set_timesteps(config.ddim_steps)
-        grid = _ddim(scheduler_config)
+        grid = official_ddim(scheduler_config)
         grid.set_timesteps(grid.config.num_train_timesteps)
         self.train_timesteps = grid.timesteps.clone()
 
@@ -442,12 +440,6 @@ class SPMTrainer:
         self.step_count = int(state["step"])
 
 
-def resume_path(out: str | Path) -> Path:
-    """Where `train_spm(..., out=out)` keeps its resume checkpoint: ``<out>.resume.pt``."""
-    out = Path(out)
-    return out.with_name(out.name + ".resume.pt")
-
-
 def train_spm(pipe, target: str, positive: str | None = None, neutral: str = "",
               config: SPMTrainConfig | None = None, progress: Progress | None = None,
               out: str | Path | None = None, resume: bool = True, contexts: Sequence[str] = ()) -> Membrane:
@@ -465,21 +457,7 @@ def train_spm(pipe, target: str, positive: str | None = None, neutral: str = "",
     config = config or SPMTrainConfig()
     checkpoint = resume_path(out) if out is not None and config.checkpoint_every else None
     with SPMTrainer(pipe, target, positive, neutral, config, contexts) as trainer:
-        if checkpoint is not None and resume and checkpoint.is_file():
-            try:
-                trainer.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-            except ValueError as err:
-                raise ValueError(f"{checkpoint}: {err}; delete it or train with resume=False (--fresh)") from None
-        while trainer.step_count < config.iterations:
-            losses = trainer.step()
-            if checkpoint is not None and trainer.step_count % config.checkpoint_every == 0 and \
-                    trainer.step_count < config.iterations:
-                checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                partial = checkpoint.with_name(checkpoint.name + ".tmp")
-                torch.save(trainer.state_dict(), partial)
-                os.replace(partial, checkpoint)
-            if progress is not None:
-                progress(trainer.step_count, config.iterations, losses)
+        resumable.run(trainer, config.iterations, checkpoint, config.checkpoint_every, resume, progress)
         membrane = trainer.membrane()
     if out is not None:
         save_membrane(membrane, out)
