@@ -326,17 +326,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .attack import STEPS as ATTACK_STEPS
     from .shapes.demo import OutputDirError, run_eval
     from .shapes.methods import UnknownMethodError
 
     try:
-        run_eval(Path(args.out), args.methods, args.concepts, args.n)
+        # --attack-steps alone also asks for the attack: a step count without the attack would be silently unused.
+        steps = args.attack_steps if args.attack_steps is not None else ATTACK_STEPS if args.attack else None
+        run_eval(Path(args.out), args.methods, args.concepts, args.n, attack_steps=steps)
     except (OutputDirError, UnknownMethodError, ValueError) as err:
         return _error(err)
     return 0
 
 
 def _add_world_parsers(sub) -> None:
+    from .attack import STEPS as ATTACK_STEPS
     from .shapes.demo import DEFAULT_EVAL_CONCEPTS
     from .shapes.methods import METHODS
 
@@ -355,11 +359,36 @@ def _add_world_parsers(sub) -> None:
     ev.add_argument("--concepts", nargs="+", metavar="CONCEPT",
                     help=f"default: {' '.join(DEFAULT_EVAL_CONCEPTS)}")
     ev.add_argument("-n", type=int, default=50, help="images per metric cell (default 50)")
+    ev.add_argument("--attack", action="store_true",
+                    help="also attack each erasure with UnlearnDiffAtk (adversarial prompt prefix) on its efficacy "
+                         "prompts and report the attack success rate (ASR) next to efficacy")
+    ev.add_argument("--attack-steps", type=int, default=None, metavar="N",
+                    help=f"Adam steps of the attack per prompt (default {ATTACK_STEPS}, as UnlearnDiffAtk); implies "
+                         "--attack")
     ev.set_defaults(run=_eval)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # train-spm
+
+
+def _training_progress(iterations: int):
+    """progress(step, total, losses) for the trainers: about 20 lines a run, with the rate since this start."""
+    import time
+
+    every = max(1, iterations // 20)
+    clock = {"start": time.perf_counter(), "first": None}
+
+    def progress(step: int, total: int, losses) -> None:
+        if clock["first"] is None:
+            clock["first"] = step - 1  # a resumed run starts past 0
+        if step % every and step != total:
+            return
+        rate = (step - clock["first"]) / max(time.perf_counter() - clock["start"], 1e-9)
+        terms = "  ".join(f"{name} {value:.3e}" for name, value in losses.items())
+        print(f"step {step}/{total}  {terms}  ({rate:.2f} it/s)", flush=True)
+
+    return progress
 
 
 def _train_spm(args: argparse.Namespace) -> int:
@@ -395,18 +424,7 @@ def _train_spm(args: argparse.Namespace) -> int:
               f"{', ...' if len(contexts) > 3 else ''}", flush=True)
     print(f"{config.iterations} iterations, lr {config.lr:g}, la_strength {config.la_strength:g}, "
           f"{config.ddim_steps} DDIM steps, rank {config.rank}, seed {config.seed}", flush=True)
-    every = max(1, config.iterations // 20)
-    clock = {"start": time.perf_counter(), "first": None}
-
-    def progress(step: int, total: int, losses) -> None:
-        if clock["first"] is None:
-            clock["first"] = step - 1  # a resumed run starts past 0
-        if step % every and step != total:
-            return
-        rate = (step - clock["first"]) / max(time.perf_counter() - clock["start"], 1e-9)
-        terms = "  ".join(f"{name} {value:.3e}" for name, value in losses.items())
-        print(f"step {step}/{total}  {terms}  ({rate:.2f} it/s)", flush=True)
-
+    progress = _training_progress(config.iterations)
     try:
         membrane = train_spm(pipe, args.target, args.positive, args.neutral, config, progress=progress, out=out,
                              resume=not args.fresh, contexts=contexts)
@@ -415,6 +433,16 @@ def _train_spm(args: argparse.Namespace) -> int:
     print(f"SPM membrane erasing {args.target!r}: {len(membrane.layers)} layers, rank {membrane.rank}")
     print(f"wrote {out} ({_size(out.stat().st_size)}) in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _add_run_arguments(train) -> None:
+    """What every trainer on a pipeline takes: the model, seed, device and --fresh."""
+    train.add_argument("--model", default=None, metavar="DIR",
+                       help="a shapes-world folder or a diffusers SD1.x/SD2.x folder (default: the shipped shapes "
+                            "world)")
+    train.add_argument("--seed", type=int, default=None, help="default 0")
+    train.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1, mps)")
+    train.add_argument("--fresh", action="store_true", help="ignore a resume checkpoint from an earlier run")
 
 
 def _add_train_spm_parser(sub) -> None:
@@ -434,9 +462,6 @@ def _add_train_spm_parser(sub) -> None:
                        help="a prompt with '{}' where the concept goes (repeatable; each iteration draws one, and "
                             "target, positive and neutral are all placed in it). Default: none (the bare prompts, "
                             "as the official configs) on SD; on the shapes world, every prompt naming the concept")
-    train.add_argument("--model", default=None, metavar="DIR",
-                       help="a shapes-world folder or a diffusers SD1.x/SD2.x folder (default: the shipped shapes "
-                            "world)")
     train.add_argument("--out", required=True, metavar="FILE", help="the membrane to write (.safetensors)")
     train.add_argument("--iterations", type=int, default=None,
                        help=f"default: 3000 (SD), {world['iterations']} (shapes world)")
@@ -445,10 +470,91 @@ def _add_train_spm_parser(sub) -> None:
                        help="β of latent anchoring (default 1000; 0 turns anchoring off)")
     train.add_argument("--ddim-steps", type=int, default=None,
                        help=f"default: 30 (SD), {world['ddim_steps']} (shapes world)")
-    train.add_argument("--seed", type=int, default=None, help="default 0")
-    train.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1, mps)")
-    train.add_argument("--fresh", action="store_true", help="ignore a resume checkpoint from an earlier run")
+    _add_run_arguments(train)
     train.set_defaults(run=_train_spm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train-advunlearn
+
+
+def _train_advunlearn(args: argparse.Namespace) -> int:
+    """Train an AdvUnlearn text encoder on the shapes world or a diffusers SD1.x/SD2.x folder."""
+    import time
+
+    from .advunlearn_train import AdvUnlearnConfig, train_advunlearn
+    from .prompt_lists import read_prompt_file
+    from .spm_train import load_pipeline, prompt_settings
+
+    started = time.perf_counter()
+    try:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out}: a file is in the way; the encoder is written as a folder")
+        device = _device(args.device)
+        pipe, kind = load_pipeline(args.model, device)
+        overrides = {name: value for name, value in (
+            ("iterations", args.iterations), ("warmup", args.warmup), ("lr", args.lr), ("seed", args.seed),
+            ("attack_steps", args.attack_steps), ("retain_weight", args.retain_weight),
+            ("ddim_steps", args.ddim_steps)) if value is not None}
+        config = AdvUnlearnConfig.shapes(**overrides) if kind == "shapes" else AdvUnlearnConfig(**overrides)
+        config.validate()
+        contexts, retain = args.context, [item.prompt for item in read_prompt_file(args.retain)] if args.retain else []
+        if kind == "shapes":
+            from .shapes.methods import spm_contexts, world_captions
+
+            contexts = contexts or spm_contexts(args.concept)
+            retain = retain or world_captions(without=args.concept)
+        elif not retain:
+            raise ValueError("--retain FILE is needed on SD models: the prompts whose images must not change (a text "
+                             "file, one per line, or a CSV with a 'prompt' column; the official set is 243 'a photo "
+                             "of {object}' COCO objects)")
+        prompt_settings(args.concept, args.concept, "", contexts)  # validates templates
+    except (NotImplementedError, OSError, ValueError) as err:
+        return _error(err)
+    print(f"model: {args.model or 'shapes world (shipped)'} ({kind}, {device}); concept {args.concept!r}, "
+          f"{len(contexts)} contexts, {len(retain)} retain prompts", flush=True)
+    print(f"{config.iterations} iterations ({config.warmup} warm-up), lr {config.lr:g}, attack {config.attack_steps} "
+          f"steps at {config.attack_lr:g}, {config.ddim_steps} DDIM steps, seed {config.seed}", flush=True)
+    try:
+        train_advunlearn(pipe, args.concept, retain, config, contexts, _training_progress(config.iterations), out,
+                         resume=not args.fresh)
+    except (NotImplementedError, ValueError) as err:
+        return _error(err)
+    print(f"wrote {out}/ (config.json, pytorch_model.bin, model.safetensors) in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _add_train_advunlearn_parser(sub) -> None:
+    from .advunlearn_train import SHAPES_DEFAULTS as world
+
+    train = sub.add_parser(
+        "train-advunlearn", help="train an AdvUnlearn text encoder that erases a concept (adversarial unlearning)",
+        description="Train a robust replacement text encoder (AdvUnlearn's bilevel objective: a soft-prompt attacker, "
+                    "the ESD erase loss on its prompt, a utility loss on retain prompts) on the shipped shapes world "
+                    "(default) or a diffusers SD1.x/SD2.x folder, written as a folder in the released layout plus "
+                    "model.safetensors. An interrupted run resumes from DIR.resume.pt.")
+    train.add_argument("--concept", required=True, metavar="TEXT", help="the concept to erase")
+    train.add_argument("--out", required=True, metavar="DIR", help="the encoder folder to write")
+    train.add_argument("--retain", default=None, metavar="FILE",
+                       help="retain prompts (text or CSV with 'prompt'); needed on SD, default on the shapes world: "
+                            "its captions of images without the concept")
+    train.add_argument("--context", action="append", default=[], metavar="TEMPLATE",
+                       help="a prompt with '{}' where the concept goes (repeatable; default: the bare concept on SD, "
+                            "every prompt naming it on the shapes world)")
+    train.add_argument("--iterations", type=int, default=None,
+                       help=f"default: 1000 (SD), {world['iterations']} (shapes world)")
+    train.add_argument("--warmup", type=int, default=None,
+                       help=f"iterations without the attacker; default: 200 (SD), {world['warmup']} (shapes world)")
+    train.add_argument("--lr", type=float, default=None, help=f"default: 1e-5 (SD), {world['lr']:g} (shapes world)")
+    train.add_argument("--attack-steps", type=int, default=None,
+                       help=f"default: 30 (SD), {world['attack_steps']} (shapes world)")
+    train.add_argument("--retain-weight", type=float, default=None,
+                       help=f"γ of the utility loss; default: 1 (SD), {world['retain_weight']:g} (shapes world)")
+    train.add_argument("--ddim-steps", type=int, default=None,
+                       help=f"default: 50 (SD), {world['ddim_steps']} (shapes world)")
+    _add_run_arguments(train)
+    train.set_defaults(run=_train_advunlearn)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,7 +616,9 @@ def _add_fixtures_parser(sub) -> None:
         "fixtures", help="write the model files the shipped workflows name (tiny SD1.5-shaped stand-ins)",
         description="Write into a ComfyUI models folder every model file the workflows in workflows/ name, made for "
                     "a tiny SD1.5-shaped checkpoint with seeded random weights: the checkpoint (checkpoints/), SPM "
-                    "membranes (spm/) and an erasure (erasers/). Files that exist are kept unless --force.")
+                    "membranes (spm/), an erasure (erasers/), an AdvUnlearn encoder folder in the released layout "
+                    "(clip/) and Geom-Erasing location tokens (embeddings/). Files that exist are kept unless "
+                    "--force.")
     fixtures.add_argument("--models-dir", required=True, metavar="DIR", help="ComfyUI's models folder")
     fixtures.add_argument("--checkpoint-name", default=CHECKPOINT, metavar="NAME",
                           help=f"file name of the checkpoint under checkpoints/ (default: {CHECKPOINT})")
@@ -548,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert_parser(sub)
     _add_world_parsers(sub)
     _add_train_spm_parser(sub)
+    _add_train_advunlearn_parser(sub)
     _add_train_geom_parser(sub)
     _add_batch_parser(sub)
     _add_fixtures_parser(sub)

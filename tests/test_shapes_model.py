@@ -61,7 +61,7 @@ def test_spm_method_attaches_a_shipped_membrane_or_says_how_to_train_one(world, 
     pipe, _ = world
     monkeypatch.setattr(methods, "MEMBRANES_DIR", tmp_path)
     assert "erasekit train-spm --target circle" in methods.unavailable("spm", "circle")
-    with pytest.raises(methods.UnknownMethodError, match="no shipped SPM membrane for 'circle'"):
+    with pytest.raises(methods.UnknownMethodError, match="no shipped spm file for 'circle'"):
         with methods.erased(pipe, "spm", "circle"):
             pass
     (membrane,) = random_membranes(membrane_targets(pipe), ["circle"])
@@ -106,8 +106,9 @@ def test_demo_writes_grid_and_metrics(tmp_path):
 
     assert main(["demo", "--out", str(tmp_path), "-n", "6"]) == 0
     result = json.loads((tmp_path / "metrics.json").read_text())
-    assert [r["method"] for r in result["rows"]] == ["original", "uce", "rece", "trce", "spm"]  # circle ships
+    # A circle membrane and a circle encoder ship, so every method has a row.
+    assert [r["method"] for r in result["rows"]] == ["original", "uce", "rece", "trce", "spm", "advunlearn"]
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.width > 5 * 128 and grid.height > 3 * 128  # columns: original + 4 methods; rows: erased, synonym, other
+    assert grid.width > 6 * 128 and grid.height > 3 * 128  # columns: original + 5 methods; rows: erased, synonym, other

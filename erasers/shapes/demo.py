@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import data, methods, metrics
+from .. import attack
 from .judge import Judge
 from .model import ShapesPipeline
 
@@ -75,19 +77,104 @@ def write_grid(path: Path, rows: list[tuple[str, str]], columns: list[str], cell
     grid.save(path)
 
 
+# --- attack success rate (UnlearnDiffAtk, erasers/attack.py) -----------------------------------------------------
+
+def attack_targets(pipe: ShapesPipeline, concept: metrics.Concept | str, n: int,
+                   seed: int = 0) -> tuple[list[metrics.Probe], np.ndarray] | None:
+    """The efficacy cell's probes and the images the model draws for them now: call it before erasing, so they are
+    the original model's images of the concept (the attack's targets). None for the stamp: no prompt names it."""
+    concept = metrics.parse_concept(concept) if isinstance(concept, str) else concept
+    if concept.kind == "stamp":
+        return None
+    probes = metrics.probe_sets(concept, n, seed)["efficacy"]
+    return probes, methods.generator(pipe)([p.prompt for p in probes], [p.seed for p in probes])
+
+
+def _shows(judge: Judge, concept: metrics.Concept, images: np.ndarray) -> np.ndarray:
+    return getattr(judge(images), concept.kind) == metrics.VALUES[concept.kind].index(concept.name)
+
+
+def measure_asr(pipe: ShapesPipeline, judge: Judge, concept: metrics.Concept | str,
+                targets: tuple[list[metrics.Probe], np.ndarray] | None, steps: int = attack.STEPS, seed: int = 0,
+                pre_images: np.ndarray | None = None, **options) -> dict:
+    """UnlearnDiffAtk against the pipeline as it is now (erasure on), on the efficacy prompts of `targets`.
+
+    As in UnlearnDiffAtk, a prompt whose image already shows the concept is a success without an attack; every
+    other prompt is attacked (its image as the target), its attacked prompt drawn with the same seed and judged.
+    `asr` is the fraction of successes (lower is better), `asr_pre` the same prompts' fraction before the attack,
+    i.e. the efficacy cell. `pre_images`: the erased model's images of those probes, if already drawn. `options`
+    go to attack.unlearn_diff_attack (k, lr, discrete, ...). For the stamp (targets None) every value is None."""
+    concept = metrics.parse_concept(concept) if isinstance(concept, str) else concept
+    empty = {"asr": None, "asr_pre": None, "asr_n": 0, "asr_attacked": 0, "asr_targets_show": None,
+             "asr_steps": steps, "asr_seconds": 0.0, "asr_prompts": []}
+    if targets is None:
+        return empty
+    start = time.time()
+    probes, target_images = targets
+    prompts, seeds = [p.prompt for p in probes], [p.seed for p in probes]
+    if pre_images is None:
+        pre_images = methods.generator(pipe)(prompts, seeds)
+    pre = _shows(judge, concept, pre_images)
+    success = pre.copy()
+    rest = np.flatnonzero(~pre)
+    attacked = []
+    if len(rest):
+        x0 = torch.from_numpy(target_images[rest]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        result = attack.unlearn_diff_attack(pipe, [prompts[i] for i in rest], x0, seeds=[seeds[i] for i in rest],
+                                            steps=steps, seed=seed, **options)
+        images = pipe([prompts[i] for i in rest], [seeds[i] for i in rest], context=result.contexts)
+        post = _shows(judge, concept, images)
+        success[rest] = post
+        attacked = [{"prompt": prompts[i], "seed": seeds[i], "attacked": hard, "shows": bool(hit)}
+                    for i, hard, hit in zip(rest, result.hard_prompts, post)]
+    # How many targets the original model drew showing the concept: a target without it cannot guide the attack.
+    targets_show = float(_shows(judge, concept, target_images).mean())
+    return {"asr": float(success.mean()), "asr_pre": float(pre.mean()), "asr_n": len(probes),
+            "asr_attacked": len(rest), "asr_targets_show": targets_show, "asr_steps": steps,
+            "asr_seconds": round(time.time() - start, 1), "asr_prompts": attacked}
+
+
+def attack_success_rate(pipe: ShapesPipeline, judge: Judge, method: str, concept: str, n: int = 18, seed: int = 0,
+                        steps: int = attack.STEPS, **options) -> dict:
+    """`method` erasing `concept`, attacked on the efficacy cell's prompts (n at least; targets drawn by the model
+    as it is before erasing); see measure_asr."""
+    targets = attack_targets(pipe, concept, n, seed)
+    with methods.erased(pipe, method, concept):
+        return measure_asr(pipe, judge, concept, targets, steps, seed, **options)
+
+
+class _Remembering:
+    """A generator that keeps what it drew, so the attack reuses the efficacy cell's own images as its baseline."""
+
+    def __init__(self, generate: metrics.Generate):
+        self.generate, self.images = generate, {}
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        images = self.generate(prompts, seeds)
+        self.images.update(zip(zip(prompts, seeds), images))
+        return images
+
+    def of(self, probes: list[metrics.Probe]) -> np.ndarray | None:
+        keys = [(p.prompt, p.seed) for p in probes]
+        return np.stack([self.images[k] for k in keys]) if all(k in self.images for k in keys) else None
+
+
 def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concept_names: list[str], n: int,
-             seed: int = 0, grid_rows: list[tuple[str, str]] | None = None, log=print) -> tuple[list[dict], dict]:
-    """One row per (concept, method): metrics of the model with that erasure; and the grid cells if asked."""
+             seed: int = 0, grid_rows: list[tuple[str, str]] | None = None, log=print,
+             attack_steps: int | None = None) -> tuple[list[dict], dict]:
+    """One row per (concept, method): metrics of the model with that erasure; and the grid cells if asked. With
+    `attack_steps`, each row also gets the UnlearnDiffAtk attack success rate on its efficacy prompts (measure_asr)."""
     methods.check_methods(method_names)
     concepts = [metrics.parse_concept(c) for c in concept_names]
-    generate = methods.generator(pipe)
     rows, cells = [], {}
     prior = None
     for concept in concepts:
+        targets = attack_targets(pipe, concept, n, seed) if attack_steps is not None else None
         for method in method_names:
+            generate = _Remembering(methods.generator(pipe))
             reason = methods.unavailable(method, concept.name)
             if reason:
-                log(f"{concept.name:10s} {method:9s} skipped: {reason}")
+                log(f"{concept.name:10s} {method:10s} skipped: {reason}")
                 continue
             start = time.time()
             if method == "trce" and prior is None:
@@ -96,6 +183,9 @@ def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concep
             with methods.erased(pipe, method, concept.name, prior) as erasure:
                 erase_s = time.time() - start
                 result = metrics.measure(generate, judge, concept, n=n, seed=seed)
+                if attack_steps is not None:
+                    pre = generate.of(targets[0]) if targets is not None else None
+                    result.update(measure_asr(pipe, judge, concept, targets, attack_steps, seed, pre_images=pre))
                 if grid_rows is not None:
                     prompts = [p for _, p in grid_rows for _ in GRID_SEEDS]
                     images = generate(prompts, list(GRID_SEEDS) * len(grid_rows))
@@ -108,8 +198,9 @@ def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concep
     return rows, cells
 
 
-HEADER = (f"{'concept':10s} {'method':9s} {'efficacy↓':>9s} {'generality↓':>11s} {'specificity↑':>12s} "
+HEADER = (f"{'concept':10s} {'method':10s} {'efficacy↓':>9s} {'generality↓':>11s} {'specificity↑':>12s} "
           f"{'shape':>6s} {'colour':>6s} {'pattern':>7s} {'stamp':>6s} {'imgs':>4s}")
+ATTACK_HEADER = HEADER.replace(f"{'efficacy↓':>9s} ", f"{'efficacy↓':>9s} {'ASR↓':>6s} ")
 
 
 def _pct(value) -> str:
@@ -121,7 +212,8 @@ def _images(row: dict) -> int:
 
 
 def format_row(row: dict) -> str:
-    return (f"{row['concept']:10s} {row['method']:9s} {_pct(row['efficacy']):>9s} {_pct(row['generality']):>11s} "
+    asr = f" {_pct(row['asr']):>6s}" if "asr" in row else ""
+    return (f"{row['concept']:10s} {row['method']:10s} {_pct(row['efficacy']):>9s}{asr} {_pct(row['generality']):>11s} "
             f"{_pct(row['specificity']):>12s} {_pct(row['shape_acc']):>6s} {_pct(row['color_acc']):>6s} "
             f"{_pct(row['pattern_acc']):>7s} {_pct(row['stamp_rate']):>6s} {_images(row):>4d}")
 
@@ -133,10 +225,14 @@ def format_quality(q: dict) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| concept | method | efficacy ↓ | generality ↓ | specificity ↑ | shape | colour | pattern | stamp rate | images |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """With an `asr` column (UnlearnDiffAtk attack success rate) when the rows were measured with the attack."""
+    attacked = any("asr" in r for r in rows)
+    lines = ["| concept | method | efficacy ↓ | " + ("ASR ↓ | " if attacked else "") +
+             "generality ↓ | specificity ↑ | shape | colour | pattern | stamp rate | images |",
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if attacked else "")]
     for r in rows:
-        lines.append(f"| {r['concept']} | {r['method']} | {_pct(r['efficacy'])} | {_pct(r['generality'])} | "
+        asr = f"{_pct(r.get('asr'))} | " if attacked else ""
+        lines.append(f"| {r['concept']} | {r['method']} | {_pct(r['efficacy'])} | {asr}{_pct(r['generality'])} | "
                      f"{_pct(r['specificity'])} | {_pct(r['shape_acc'])} | {_pct(r['color_acc'])} | "
                      f"{_pct(r['pattern_acc'])} | {_pct(r['stamp_rate'])} | {_images(r)} |")
     return "\n".join(lines)
@@ -166,7 +262,10 @@ DEFAULT_EVAL_CONCEPTS = ("circle", "red", "striped", "stamp")
 
 
 def run_eval(out: Path, method_names: list[str] | None = None, concept_names: list[str] | None = None,
-             n: int = 50) -> list[dict]:
+             n: int = 50, attack_steps: int | None = None) -> list[dict]:
+    """The eval table; with `attack_steps`, an ASR column (UnlearnDiffAtk with that many steps, measure_asr)."""
+    if attack_steps is not None and attack_steps < 0:
+        raise ValueError(f"--attack-steps must be >= 0, got {attack_steps}")
     out = writable_dir(Path(out))
     method_names = list(method_names or methods.METHODS)
     concept_names = list(concept_names or DEFAULT_EVAL_CONCEPTS)
@@ -180,9 +279,15 @@ def run_eval(out: Path, method_names: list[str] | None = None, concept_names: li
 
         base = measure_quality(pipe, judge)
         print(format_quality(base), flush=True)
-    print(HEADER, flush=True)
-    rows, _ = evaluate(pipe, judge, method_names, concept_names, n, log=lambda line: print(line, flush=True))
-    (out / "eval.json").write_text(json.dumps({"base_quality": base, "rows": rows}, indent=1))
+    print(HEADER if attack_steps is None else ATTACK_HEADER, flush=True)
+    start = time.time()
+    rows, _ = evaluate(pipe, judge, method_names, concept_names, n, log=lambda line: print(line, flush=True),
+                       attack_steps=attack_steps)
+    summary = {"base_quality": base, "rows": rows, "seconds": round(time.time() - start, 1)}
+    if attack_steps is not None:
+        summary["attack"] = {"name": "UnlearnDiffAtk", "steps": attack_steps, "k": attack.K, "lr": attack.LR,
+                             "discrete": True, "seed": 0}
+    (out / "eval.json").write_text(json.dumps(summary, indent=1))
     text = markdown_table(rows) + "\n"
     if base is not None:
         text = format_quality(base) + "\n\n" + text

@@ -1,7 +1,8 @@
 """Every erasure the pack has, applied to the shapes world through the same code paths users call on Stable
 Diffusion: the closed-form methods compute an `Erasure` from the UNet's attn2 K/V weights and the model's own
 text encoder (concept_edit.erase) and attach it with the diffusers adapter; SPM attaches a shipped membrane
-(trained by `erasekit train-spm`, weights/shapes-spm) with per-sample Facilitated Transport.
+(trained by `erasekit train-spm`, weights/shapes-spm) with per-sample Facilitated Transport; AdvUnlearn swaps in a
+shipped text encoder (trained by `erasekit train-advunlearn`, weights/shapes-advunlearn).
 """
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .. import concept_edit, diffusers_adapter, spm, spm_diffusers
+from .. import advunlearn, concept_edit, diffusers_adapter, spm, spm_diffusers
 from ..erasure import Erasure
 from . import data, metrics
-from .model import GUIDANCE, SAMPLE_STEPS, WEIGHTS_DIR, ShapesPipeline
+from .model import CONTEXT_DIM, GUIDANCE, SAMPLE_STEPS, WEIGHTS_DIR, ShapesPipeline
 
 ORIGINAL = "original"
 CLOSED_FORM = ("uce", "rece", "trce")
 SPM = "spm"
-METHODS = (ORIGINAL, *CLOSED_FORM, SPM)
+ADVUNLEARN = "advunlearn"
+METHODS = (ORIGINAL, *CLOSED_FORM, SPM, ADVUNLEARN)
 PRIOR_CAPTIONS = 500
 MEMBRANES_DIR = WEIGHTS_DIR.parent / "shapes-spm"
+ENCODERS_DIR = WEIGHTS_DIR.parent / "shapes-advunlearn"
 
 
 class UnknownMethodError(ValueError):
@@ -33,10 +36,13 @@ def check_methods(methods: list[str]) -> None:
         raise UnknownMethodError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
 
 
-def world_captions(n: int = PRIOR_CAPTIONS, seed: int = 12345) -> list[str]:
-    """Captions from the training distribution (no empty ones): the shapes world's stand-in for COCO."""
+def world_captions(n: int = PRIOR_CAPTIONS, seed: int = 12345, without: str | None = None) -> list[str]:
+    """Captions from the training distribution (no empty ones): the shapes world's stand-in for COCO; `without` a
+    concept: only those of images that do not show it (so none names it by any synonym)."""
     rng = np.random.default_rng(seed)
-    return [data.caption(spec, rng, dropout=0.0) for spec in data.sample_specs(rng, n)]
+    concept = metrics.parse_concept(without) if without else None
+    return [data.caption(spec, rng, dropout=0.0) for spec in data.sample_specs(rng, n)
+            if concept is None or getattr(spec, concept.kind) != concept.name]
 
 
 def closed_form_erasure(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Erasure:
@@ -54,6 +60,10 @@ def shipped_membranes() -> list[str]:
     return sorted(p.stem for p in MEMBRANES_DIR.glob("*.safetensors"))
 
 
+def shipped_encoders() -> list[str]:
+    return sorted(p.parent.name for p in ENCODERS_DIR.glob("*/config.json"))
+
+
 def spm_contexts(concept: str) -> list[str]:
     """Prompt templates SPM trains a shapes-world membrane on: every canonical prompt that names `concept`, with
     the concept's word as "{}" ("a red striped {}" for circle). A membrane trained on the bare word does not
@@ -68,13 +78,15 @@ def spm_contexts(concept: str) -> list[str]:
 
 def unavailable(method: str, concept: str) -> str | None:
     """Why `method` cannot erase `concept` in this world, or None."""
-    if method != SPM:
+    if method == SPM:
+        shipped, command = shipped_membranes(), f"erasekit train-spm --target {concept} --out {concept}.safetensors"
+    elif method == ADVUNLEARN:
+        shipped, command = shipped_encoders(), f"erasekit train-advunlearn --concept {concept} --out {concept}"
+    else:
         return None
-    shipped = shipped_membranes()
     if concept in shipped:
         return None
-    return (f"no shipped SPM membrane for {concept!r} (shipped: {', '.join(shipped) or 'none'}); train one: "
-            f"erasekit train-spm --target {concept} --out {concept}.safetensors")
+    return f"no shipped {method} file for {concept!r} (shipped: {', '.join(shipped) or 'none'}); train one: {command}"
 
 
 @contextmanager
@@ -94,6 +106,14 @@ def erased(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Itera
             yield membrane
         finally:
             spm_diffusers.detach_membranes(pipe)
+        return
+    if method == ADVUNLEARN:
+        encoder = advunlearn.load_advunlearn(ENCODERS_DIR / concept, width=CONTEXT_DIM)
+        advunlearn.swap_text_encoder(pipe, encoder)
+        try:
+            yield None
+        finally:
+            advunlearn.restore_text_encoder(pipe)
         return
     erasure = closed_form_erasure(pipe, method, concept, prior)
     diffusers_adapter.attach(pipe, erasure)
