@@ -23,15 +23,15 @@ use k = 3).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import soft_prompt
+from .frozen import frozen
 from .text import CONTEXT_TOKENS
 
 K = 5
@@ -62,25 +62,6 @@ def _untypable_ids(tokenizer, rows: int) -> list[int]:
     """Embedding rows no typed prompt reaches: special tokens (the tokenizer only frames prompts with them) and rows
     past the tokenizer's vocabulary (a table padded, or a tokenizer smaller than its encoder's table)."""
     return sorted(set(tokenizer.all_special_ids) | set(range(len(tokenizer), rows)))
-
-
-@contextmanager
-def _frozen(*modules: nn.Module) -> Iterator[None]:
-    """Gradients reach δ only: the caller's flags and train/eval modes come back exactly as they were."""
-    params = list({id(p): p for m in modules for p in m.parameters()}.values())
-    flags = [p.requires_grad for p in params]
-    modes = [(m, m.training) for m in {id(m): m for mod in modules for m in mod.modules()}.values()]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        for m in modules:
-            m.eval()  # dropout would make the loss, and the attack, depend on more than the seed
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-        for m, training in modes:
-            m.train(training)
 
 
 def _check_pipeline(pipe) -> None:
@@ -186,7 +167,7 @@ def unlearn_diff_attack(pipe, prompts: Sequence[str], targets: Tensor, *, seeds:
         raise ValueError("no prompts to attack")
     size = batch_size or len(prompts)
     targets = targets.detach()
-    with _frozen(pipe.unet, pipe.text_encoder):
+    with frozen(pipe.unet, pipe.text_encoder):  # gradients reach δ only
         parts = [_attack_rows(pipe, prompts[i:i + size], targets[i:i + size], row_seeds[i:i + size], k, steps, lr,
                               weight_decay, discrete, seed)
                  for i in range(0, len(prompts), size)]

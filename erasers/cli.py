@@ -342,20 +342,23 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_world_parsers(sub) -> None:
     from .attack import STEPS as ATTACK_STEPS
     from .shapes.demo import DEFAULT_EVAL_CONCEPTS
-    from .shapes.methods import METHODS
+    from .shapes.methods import METHODS, NEGATIVE
 
     demo = sub.add_parser("demo", help="erase a concept from the shipped shapes-world model with every method; "
                                        "writes grid.png and metrics.json")
     demo.add_argument("--out", default="erasekit-demo", help="output folder (default: ./erasekit-demo)")
     demo.add_argument("--concept", default="circle", help="a shape, colour, pattern or 'stamp' (default: circle)")
-    demo.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: all of {', '.join(METHODS)}")
+    demo.add_argument("--methods", nargs="+", metavar="METHOD",
+                      help=f"of {', '.join(METHODS)} (default: all but {NEGATIVE}, the plain-word baseline)")
     demo.add_argument("-n", type=int, default=18,
                       help="images per metric cell (default 18: one pass over a shape's prompts; eval uses 50)")
     demo.set_defaults(run=_demo)
 
     ev = sub.add_parser("eval", help="the shapes-world table: every method on several concepts (markdown + JSON)")
     ev.add_argument("--out", required=True, help="output folder for eval.md and eval.json")
-    ev.add_argument("--methods", nargs="+", metavar="METHOD", help=f"default: all of {', '.join(METHODS)}")
+    ev.add_argument("--methods", nargs="+", metavar="METHOD",
+                    help=f"default: all of {', '.join(METHODS)} ({NEGATIVE}: the concept's name as negative prompt, "
+                         "the papers' baseline)")
     ev.add_argument("--concepts", nargs="+", metavar="CONCEPT",
                     help=f"default: {' '.join(DEFAULT_EVAL_CONCEPTS)}")
     ev.add_argument("-n", type=int, default=50, help="images per metric cell (default 50)")
@@ -572,28 +575,48 @@ def _train_geom(args: argparse.Namespace) -> int:
 
 def _add_train_geom_parser(sub) -> None:
     from .geom_erasing import CONCEPTS
-    from .geom_train import GeomTrainConfig
+    from .geom_train import SETTINGS, SHAPES_DATA_SETTING, SHAPES_IMAGES, GeomTrainConfig
 
-    d = GeomTrainConfig()
+    d, w = GeomTrainConfig(), SHAPES_DATA_SETTING
+
+    def default(name: str) -> str:
+        return f"default {getattr(d, name):g} (model setting), {w.get(name, getattr(d, name)):g} (data setting)"
+
     train = sub.add_parser(
         "train-geom", help="learn Geom-Erasing location tokens of an implicit concept (for negative prompts)",
-        description="Learn one token embedding per grid cell for an implicit concept (model-removal setting: UNet "
-                    "and text encoder frozen, loss re-weighted by the detector boxes), on the shapes world's stamp "
-                    "(default) or a captioned image folder with boxes. The file goes to ComfyUI's "
-                    "models/embeddings for the 'Geom-Erasing Negative' node.")
-    train.add_argument("--out", required=True, metavar="FILE", help="the location-token file (.safetensors)")
+        description="Learn one token embedding per grid cell for an implicit concept, with the loss re-weighted by "
+                    "the detector boxes, on the shapes world's stamp (default) or a captioned image folder with "
+                    "boxes. Model setting (default): only the tokens, UNet and text encoder frozen; --out is the "
+                    "token file, for ComfyUI's models/embeddings and the 'Geom-Erasing Negative' node. Data setting: "
+                    "a copy of the UNet is fine-tuned with the tokens on every image (the concept came with the "
+                    "training data); --out is a folder that gets unet/ (diffusers, safetensors) and "
+                    "<concept>.safetensors (the tokens).")
+    train.add_argument("--out", required=True, metavar="PATH",
+                       help="model setting: the location-token file (.safetensors); data setting: a folder")
+    train.add_argument("--setting", choices=SETTINGS, default=d.setting,
+                       help="model: train only the tokens (default); data: the UNet and the tokens together")
     train.add_argument("--concept", default="stamp", help=f"its name, e.g. {', '.join(CONCEPTS)} (default stamp)")
     train.add_argument("--data", default=None, metavar="DIR",
                        help='images + metadata.jsonl ({"file_name", "text", "boxes"} per line); default: the '
                             "shapes world's training images and stamp boxes")
-    train.add_argument("--images", type=int, default=2048, help="shapes-world images without --data (default 2048)")
+    train.add_argument("--images", type=int, default=None,
+                       help=f"shapes-world images without --data (default {SHAPES_IMAGES['model']} model setting, "
+                            f"{SHAPES_IMAGES['data']} data setting)")
     train.add_argument("--model", default=None, metavar="DIR", help="a shapes-world model folder (default: shipped)")
     train.add_argument("--grid", type=int, default=d.grid, help=f"k of the k x k grid (default {d.grid})")
     train.add_argument("--alpha", type=float, default=d.alpha,
                        help=f"re-weighting; > 1 down-weights the concept's pixels (default {d.alpha:g})")
-    train.add_argument("--steps", type=int, default=d.steps, help=f"default {d.steps}")
-    train.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    train.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr:g}")
+    train.add_argument("--steps", type=int, default=None, help=default("steps"))
+    train.add_argument("--batch-size", type=int, default=None, help=default("batch_size"))
+    train.add_argument("--lr", type=float, default=None, help=f"of the tokens (default {d.lr:g})")
+    train.add_argument("--unet-lr", type=float, default=None, help=f"data setting (default {w['unet_lr']:g})")
+    train.add_argument("--warmup", type=int, default=None, help="data setting: steps of linear learning-rate "
+                       f"warm-up (default {w.get('warmup', d.warmup)})")
+    train.add_argument("--caption-dropout", type=float, default=None,
+                       help=f"data setting: fraction of empty captions (default {w['caption_dropout']:g}, the shapes "
+                            "world's)")
+    train.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, 0 off; "
+                       + default("min_snr_gamma") + ", the shapes world's own objective")
     train.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     train.set_defaults(run=_train_geom)
 

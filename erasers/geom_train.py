@@ -1,16 +1,31 @@
-"""Geom-Erasing training, model-removal setting: learn only the location-token embeddings of an implicit concept.
+"""Geom-Erasing training in the paper's two settings.
 
-The UNet and text encoder stay frozen. Each training caption with a detector box becomes
-"caption concept ⟨cells the box covers⟩"; the new tokens get ids past the tokenizer's vocabulary and their vectors
-are appended to the (frozen) token-embedding table for the forward pass, which is how ComfyUI applies textual
-inversions too. The denoising loss is re-weighted per grid cell: with T cells of which K hold the concept,
-w = T/(K+α(T−K)) inside and αT/(K+α(T−K)) outside (Σw = T), so α > 1 down-weights the concept's pixels.
+*Model removal* (the concept came with a pre-trained model): learn only the location-token embeddings; UNet and
+text encoder stay frozen. Each training caption with a detector box becomes "caption concept ⟨cells the box
+covers⟩"; the new tokens get ids past the tokenizer's vocabulary and their vectors are appended to the (frozen)
+token-embedding table for the forward pass, which is how ComfyUI applies textual inversions too.
+
+*Data removal* (the concept was injected by the training data): fine-tune a copy of the UNet and the location
+tokens together on all the captioned data, with the same caption extension for images that show the concept and
+the captions of the others unchanged, and empty captions some of the time so that the unconditional prediction
+stays trained for classifier-free guidance. The text encoder stays frozen. The model learns that a caption without
+the concept's name means an image without it, and the name plus the tokens become a negative prompt that names it.
+
+In both, the denoising loss is re-weighted per grid cell: with T cells of which K hold the concept,
+w = T/(K+α(T−K)) inside and αT/(K+α(T−K)) outside (Σw = T), so α > 1 down-weights the concept's pixels;
+optionally times the min-SNR-γ weight per sample (the shapes world's own training objective).
 
 Works on pipelines whose UNet denoises the images directly (the shapes world); images of latent-diffusion models
 would first need their VAE latents, which this module does not compute.
+
+Data-removal output folder (``save_data_removal`` / ``load_data_removal``): ``unet/`` (diffusers folder:
+config.json + diffusion_pytorch_model.safetensors) and ``<concept>.safetensors`` (the location tokens, format in
+geom_erasing.py; spaces in the concept's name become "-"). The text encoder, tokenizer and scheduler are the base
+model's, unchanged.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,20 +33,38 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .frozen import frozen
 from .geom_erasing import LocationTokens, cells_of_box, parse_cells
 from .text import CONTEXT_TOKENS
 
 TOKEN_WEIGHT = "text_model.embeddings.token_embedding.weight"
+SETTINGS = ("model", "data")
 
 
 @dataclass
 class GeomTrainConfig:
+    setting: str = "model"  # "model": only the location tokens; "data": a copy of the UNet with them
     grid: int = 3
     alpha: float = 2.0  # > 1: the concept's pixels weigh less (the paper's re-weighting); 1: plain loss
     steps: int = 300
     batch_size: int = 32
-    lr: float = 5e-3
+    lr: float = 5e-3  # of the location tokens
+    unet_lr: float = 2e-4  # data setting only
+    caption_dropout: float = 0.1  # data setting only: the fraction of empty captions, for classifier-free guidance
+    min_snr_gamma: float = 0.0  # > 0: min-SNR-γ weighting per sample (ε-prediction); 0: the paper's plain loss
+    warmup: int = 0  # data setting: steps of linear learning-rate warm-up
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"unknown Geom-Erasing setting {self.setting!r}; known: {', '.join(SETTINGS)}")
+
+
+# The shapes world's data-removal run: its own CFG-dropout rate and min-SNR-5 objective (erasers/shapes/train.py), at
+# half its batch and under half its learning rate (0.0008, 64), since this fine-tunes a trained model; 320 steps take
+# about 8 minutes on 2 CPU threads (the budget is 20).
+SHAPES_DATA_SETTING = dict(steps=320, batch_size=32, unet_lr=3e-4, warmup=20, caption_dropout=0.1, min_snr_gamma=5.0)
+SHAPES_IMAGES = {"model": 2048, "data": 4096}  # rendered training images; the data setting sees all of them
 
 
 def weight_map(cells: Sequence[int], grid: int, height: int, width: int, alpha: float) -> torch.Tensor:
@@ -64,61 +97,160 @@ def encode_with_tokens(text_encoder, ids: torch.Tensor, vectors: torch.Tensor) -
     return torch.func.functional_call(text_encoder, {TOKEN_WEIGHT: weight}, (ids,))[0]
 
 
-def train_location_tokens(pipe, images: torch.Tensor, captions: Sequence[str], boxes: Sequence[Sequence],
-                          concept: str, config: GeomTrainConfig = GeomTrainConfig(), family: str = "",
-                          progress: Callable[[int, float], None] | None = None) -> LocationTokens:
-    """Location tokens for `concept` from images ([N, C, H, W] in the UNet's input space), their captions and per
-    image a list of detector boxes (x0, y0, x1, y1 in pixels, possibly empty). `progress(step, loss)` is called
-    every step."""
-    from diffusers import DDPMScheduler
+@dataclass
+class _Prepared:
+    """Training tensors shared by both settings."""
+    images: torch.Tensor
+    ids: torch.Tensor  # [N, 77]: captions, extended where the image shows the concept
+    weights: torch.Tensor  # [N, 1, H, W]
+    empty: torch.Tensor  # [77]: the empty caption
+    vectors: torch.Tensor  # [cells, width], the initial location tokens
+    cells: list[int]
 
+
+def _prepare(pipe, images, captions, boxes, concept: str, grid: int, alpha: float, stamped_only: bool) -> _Prepared:
     if not len(images) == len(captions) == len(boxes):
         raise ValueError(f"{len(images)} images, {len(captions)} captions and {len(boxes)} box lists: need one each")
     height, width = images.shape[-2:]
-    grid = config.grid
     cells = [sorted({c for box in image_boxes for c in cells_of_box(box, width, height, grid)})
              for image_boxes in boxes]
-    # Only captions with the concept name the new tokens; the others give them no gradient, so skip them.
-    keep = [i for i, cs in enumerate(cells) if cs]
-    if not keep:
+    if not any(cells):
         raise ValueError("no image has a detector box: nothing to learn the location tokens from")
-    images, captions, cells = images[keep], [captions[i] for i in keep], [cells[i] for i in keep]
+    if stamped_only:  # only captions of images with the concept hold new tokens; the rest give them no gradient
+        keep = [i for i, cs in enumerate(cells) if cs]
+        images, captions, cells = images[keep], [captions[i] for i in keep], [cells[i] for i in keep]
     all_cells = parse_cells("everywhere", grid)
-    tokenizer, text_encoder, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-    table = text_encoder.get_input_embeddings().weight.detach()
+    tokenizer = pipe.tokenizer
+    table = pipe.text_encoder.get_input_embeddings().weight.detach()
     new_ids = {c: table.shape[0] + i for i, c in enumerate(all_cells)}
     ids = torch.tensor([_caption_ids(tokenizer, cap, concept, cs, new_ids) for cap, cs in zip(captions, cells)])
-    weights = torch.stack([weight_map(cs, grid, height, width, config.alpha) for cs in cells])[:, None]
-
+    weights = torch.stack([weight_map(cs, grid, height, width, alpha) for cs in cells])[:, None]
     # Start every cell at the concept word's embedding (mean over its word pieces), as textual inversion does.
     concept_ids = tokenizer(concept, add_special_tokens=False)["input_ids"]
-    vectors = table[concept_ids].mean(0).repeat(len(all_cells), 1).clone().requires_grad_(True)
+    vectors = table[concept_ids].mean(0).repeat(len(all_cells), 1).clone()
+    empty = torch.tensor(_caption_ids(tokenizer, "", concept, [], new_ids))
+    return _Prepared(images, ids, weights, empty, vectors, all_cells)
+
+
+def _denoising_loss(unet, text_encoder, schedule, x0: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    vectors: torch.Tensor, generator: torch.Generator, min_snr_gamma: float) -> torch.Tensor:
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(schedule.config.num_train_timesteps, (len(x0),), generator=generator)
+    context = encode_with_tokens(text_encoder, ids, vectors)
+    eps = unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+    per_sample = (weights * F.mse_loss(eps, noise, reduction="none")).mean((1, 2, 3))
+    if min_snr_gamma > 0:
+        snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
+
+
+def _metadata(config: GeomTrainConfig) -> dict[str, str]:
+    extra = {"alpha": str(config.alpha), "steps": str(config.steps), "setting": config.setting}
+    if config.setting == "data":
+        extra.update(unet_lr=str(config.unet_lr), warmup=str(config.warmup),
+                     caption_dropout=str(config.caption_dropout), min_snr_gamma=str(config.min_snr_gamma),
+                     seed=str(config.seed))
+    return extra
+
+
+def train_location_tokens(pipe, images: torch.Tensor, captions: Sequence[str], boxes: Sequence[Sequence],
+                          concept: str, config: GeomTrainConfig = GeomTrainConfig(), family: str = "",
+                          progress: Callable[[int, float], None] | None = None) -> LocationTokens:
+    """Model-removal setting: location tokens for `concept` from images ([N, C, H, W] in the UNet's input space),
+    their captions and per image a list of detector boxes (x0, y0, x1, y1 in pixels, possibly empty), with the
+    UNet and text encoder frozen. `progress(step, loss)` is called every step. The data setting, which also
+    fine-tunes the UNet, is `train_data_removal`."""
+    from diffusers import DDPMScheduler
+
+    if config.setting != "model":
+        raise ValueError(f"train_location_tokens trains the model-removal setting, not {config.setting!r}; the data "
+                         "setting (UNet and tokens together) is train_data_removal")
+    prep = _prepare(pipe, images, captions, boxes, concept, config.grid, config.alpha, stamped_only=True)
+    text_encoder, unet = pipe.text_encoder, pipe.unet
+    vectors = prep.vectors.requires_grad_(True)
     optimiser = torch.optim.AdamW([vectors], lr=config.lr, weight_decay=0.0)
-    noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(config.seed)
-    frozen = [p for module in (text_encoder, unet) for p in module.parameters()]
-    flags = [p.requires_grad for p in frozen]
-    try:  # no gradients for the caller's models, and their flags as they were afterwards
-        for p in frozen:
-            p.requires_grad_(False)
+    with frozen(text_encoder, unet):
         for step in range(config.steps):
-            pick = torch.randint(len(images), (config.batch_size,), generator=generator)
-            x0 = images[pick]
-            noise = torch.randn(x0.shape, generator=generator)
-            t = torch.randint(noise_schedule.config.num_train_timesteps, (len(pick),), generator=generator)
-            context = encode_with_tokens(text_encoder, ids[pick], vectors)
-            eps = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
-            loss = (weights[pick] * F.mse_loss(eps, noise, reduction="none")).mean()
+            pick = torch.randint(len(prep.images), (config.batch_size,), generator=generator)
+            loss = _denoising_loss(unet, text_encoder, schedule, prep.images[pick], prep.ids[pick],
+                                   prep.weights[pick], vectors, generator, config.min_snr_gamma)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             if progress is not None:
                 progress(step, loss.item())
-    finally:
-        for p, flag in zip(frozen, flags):
-            p.requires_grad_(flag)
-    return LocationTokens(concept, grid, all_cells, vectors.detach().clone(), family,
-                          {"alpha": str(config.alpha), "steps": str(config.steps)})
+    return LocationTokens(concept, config.grid, prep.cells, vectors.detach().clone(), family, _metadata(config))
+
+
+def train_data_removal(pipe, images: torch.Tensor, captions: Sequence[str], boxes: Sequence[Sequence],
+                       concept: str, config: GeomTrainConfig, family: str = "",
+                       progress: Callable[[int, float], None] | None = None) -> tuple[LocationTokens, torch.nn.Module]:
+    """Data-removal setting: fine-tune a copy of `pipe.unet` and the location tokens together on every image
+    (arguments as train_location_tokens). Returns the tokens and the fine-tuned UNet (in eval mode); the caller's
+    UNet and text encoder are left as they were. Deterministic given `config.seed` (and the thread count)."""
+    from diffusers import DDPMScheduler
+
+    if config.setting != "data":
+        raise ValueError(f"train_data_removal trains the data setting; got a config for {config.setting!r}")
+    prep = _prepare(pipe, images, captions, boxes, concept, config.grid, config.alpha, stamped_only=False)
+    text_encoder = pipe.text_encoder
+    unet = copy.deepcopy(pipe.unet).train()
+    unet_params = list(unet.parameters())
+    for p in unet_params:
+        p.requires_grad_(True)
+    vectors = prep.vectors.requires_grad_(True)
+    # The UNet's group has the shapes world's own weight decay; token vectors none, as in the model setting.
+    optimiser = torch.optim.AdamW([{"params": [vectors], "lr": config.lr, "weight_decay": 0.0},
+                                   {"params": unet_params, "lr": config.unet_lr, "weight_decay": 0.01}])
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(config.seed)
+    with frozen(text_encoder):
+        for step in range(config.steps):
+            pick = torch.randint(len(prep.images), (config.batch_size,), generator=generator)
+            drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+            ids = torch.where(drop[:, None], prep.empty, prep.ids[pick])
+            loss = _denoising_loss(unet, text_encoder, schedule, prep.images[pick], ids, prep.weights[pick],
+                                   vectors, generator, config.min_snr_gamma)
+            optimiser.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet_params, 1.0)  # as the shapes world was trained
+            # Adam's first steps move every weight by about the full learning rate whatever the gradient's size,
+            # which knocks a trained UNet off its minimum; warming up avoids that.
+            for group, base_lr in zip(optimiser.param_groups, (config.lr, config.unet_lr)):
+                group["lr"] = base_lr * min(1.0, (step + 1) / config.warmup) if config.warmup > 0 else base_lr
+            optimiser.step()
+            if progress is not None:
+                progress(step, loss.item())
+    tokens = LocationTokens(concept, config.grid, prep.cells, vectors.detach().clone(), family, _metadata(config))
+    return tokens, unet.eval()
+
+
+def tokens_file(folder: str | Path, concept: str) -> Path:
+    return Path(folder) / f"{concept.strip().replace(' ', '-')}.safetensors"
+
+
+def save_data_removal(folder: str | Path, tokens: LocationTokens, unet) -> None:
+    """`folder`/unet/ (diffusers, safetensors) and `folder`/<concept>.safetensors."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(folder / "unet", safe_serialization=True)
+    tokens.save(tokens_file(folder, tokens.concept))
+
+
+def load_data_removal(folder: str | Path) -> tuple[torch.nn.Module, LocationTokens]:
+    """The fine-tuned UNet (eval mode) and the location tokens of a data-removal folder; the text encoder,
+    tokenizer and scheduler to use with them are the base model's."""
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "unet" / "config.json").is_file() or len(files) != 1:
+        raise FileNotFoundError(f"{folder} is not a Geom-Erasing data-removal folder: it needs unet/ (diffusers) and "
+                                f"one location-token .safetensors, found {[f.name for f in files]}")
+    return UNet2DConditionModel.from_pretrained(folder / "unet").eval(), LocationTokens.load(files[0])
 
 
 def encode_negative(pipe, text: str, tokens: LocationTokens, cells: Sequence[int]) -> torch.Tensor:
@@ -158,36 +290,55 @@ def read_folder(folder: str | Path) -> tuple[torch.Tensor, list[str], list[list]
     return pixels, [r.get("text", "") for r in rows], [r.get("boxes", []) for r in rows]
 
 
-def shapes_data(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str], list[list]]:
-    """The shapes world's training images with their stamps' boxes, as a detector would report them."""
+def shapes_data(n: int, seed: int = 0, dropout: float | None = None) -> tuple[torch.Tensor, list[str], list[list]]:
+    """The shapes world's training images with their stamps' boxes, as a detector would report them; `dropout`:
+    the fraction of empty captions (default the world's own)."""
     from .shapes import data
 
-    images, captions, specs = data.batch(seed, n)
+    images, captions, specs = data.batch(seed, n, **({} if dropout is None else {"dropout": dropout}))
     boxes = [[data.stamp_box(s.stamp)] if s.stamp is not None else [] for s in specs]
     return torch.from_numpy(images), captions, boxes
 
 
 def run_cli(args) -> int:
-    """`erasekit train-geom`: location tokens for the shapes world's model (or another pixel-space one)."""
+    """`erasekit train-geom`: location tokens (model setting) or tokens + a fine-tuned UNet (data setting) for the
+    shapes world's model or another pixel-space one."""
     import time
 
     from .shapes.model import ShapesPipeline
 
+    started, cpu = time.perf_counter(), time.process_time()
     pipe = ShapesPipeline.load(args.model) if args.model else ShapesPipeline.load()
-    images, captions, boxes = read_folder(args.data) if args.data else shapes_data(args.images, args.seed)
-    config = GeomTrainConfig(grid=args.grid, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
-                             lr=args.lr, seed=args.seed)
+    setting = args.setting
+    # In the data setting every caption is trained on and empty ones are drawn per step, so the shapes world's
+    # captions come whole; the model setting keeps its earlier data.
+    images, captions, boxes = (read_folder(args.data) if args.data else
+                               shapes_data(args.images or SHAPES_IMAGES[setting], args.seed,
+                                           dropout=0.0 if setting == "data" else None))
+    defaults = SHAPES_DATA_SETTING if setting == "data" else {}
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "unet_lr", "warmup", "caption_dropout",
+                                           "min_snr_gamma")}
+    config = GeomTrainConfig(setting=setting, grid=args.grid, alpha=args.alpha, seed=args.seed,
+                             **{**defaults, **{k: v for k, v in given.items() if v is not None}})
     every = max(1, config.steps // 20)
-    started = time.perf_counter()
 
     def progress(step: int, loss: float) -> None:
         if step % every == 0 or step == config.steps - 1:
-            print(f"step {step + 1}/{config.steps}  weighted loss {loss:.4f}  ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            # CPU seconds beside wall seconds: on a shared machine they tell what the run would take alone.
+            print(f"step {step + 1}/{config.steps}  weighted loss {loss:.4f}  ({time.perf_counter() - started:.0f} s, "
+                  f"{time.process_time() - cpu:.0f} s CPU)", flush=True)
 
-    tokens = train_location_tokens(pipe, images, captions, boxes, args.concept, config, family="shapes",
-                                   progress=progress)
-    tokens.save(args.out)
-    print(f"wrote {args.out}: {len(tokens.cells)} location tokens of {args.concept!r} ({tokens.grid}x{tokens.grid}, "
-          f"{tokens.width} wide) in {time.perf_counter() - started:.0f} s")
+    if setting == "model":
+        tokens = train_location_tokens(pipe, images, captions, boxes, args.concept, config, family="shapes",
+                                       progress=progress)
+        tokens.save(args.out)
+        written = args.out
+    else:
+        tokens, unet = train_data_removal(pipe, images, captions, boxes, args.concept, config, family="shapes",
+                                          progress=progress)
+        save_data_removal(args.out, tokens, unet)
+        written = f"{Path(args.out) / 'unet'} and {tokens_file(args.out, args.concept)}"
+    print(f"wrote {written}: {len(tokens.cells)} location tokens of {args.concept!r} ({tokens.grid}x{tokens.grid}, "
+          f"{tokens.width} wide), {setting} setting, in {time.perf_counter() - started:.0f} s "
+          f"({time.process_time() - cpu:.0f} s CPU on {torch.get_num_threads()} threads)")
     return 0

@@ -201,3 +201,94 @@ def test_cli_trains_from_a_captioned_folder_and_reports_bad_boxes(tmp_path, caps
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["train-geom", "--data", str(tmp_path), "--out", str(out), "--steps", "2"]) == 2
     assert "not inside the 32x32 image" in capsys.readouterr().err
+
+
+# Data-removal setting ----------------------------------------------------------------------------------------------
+
+def _data_config(**kw) -> gt.GeomTrainConfig:
+    return gt.GeomTrainConfig(**{"setting": "data", "steps": 3, "batch_size": 4, "min_snr_gamma": 5.0, **kw})
+
+
+def _fixed_loss(unet, pipe, vectors, prep, repeats: int = 4) -> float:
+    """The training objective (geometry weights, min-SNR-5) over `prep`'s captions at fixed noise and timesteps."""
+    from diffusers import DDPMScheduler
+
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+    x0, ids, weights = (v.repeat(repeats, *[1] * (v.ndim - 1)) for v in (prep.images, prep.ids, prep.weights))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.randint(1000, (len(x0),), generator=torch.Generator().manual_seed(2))
+    snr = schedule.alphas_cumprod[t] / (1 - schedule.alphas_cumprod[t])
+    with torch.no_grad():
+        context = gt.encode_with_tokens(pipe.text_encoder, ids, vectors)
+        eps = unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+    return ((weights * (eps - noise) ** 2).mean((1, 2, 3)) * snr.clamp(max=5) / snr).mean().item()
+
+
+def test_data_setting_fine_tunes_a_copy_of_the_unet_and_lowers_the_loss():
+    from erasekit.erasers.shapes.model import ShapesPipeline
+
+    pipe = ShapesPipeline.load()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    images, captions, boxes = gt.shapes_data(32, 5, dropout=0.0)
+    losses = []
+    # A small learning rate: at the shapes default (2e-4 and more) 40 noisy batch-16 steps first raise the loss.
+    config = _data_config(steps=40, batch_size=16, unet_lr=5e-5, caption_dropout=0.0)
+    tokens, unet = gt.train_data_removal(pipe, images, captions, boxes, "stamp", config,
+                                         progress=lambda step, loss: losses.append(loss))
+    assert len(losses) == 40 and unet is not pipe.unet and not unet.training
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())  # the caller's, bit for bit
+    assert all(torch.equal(encoder_before[k], v) for k, v in pipe.text_encoder.state_dict().items())
+    assert all(p.requires_grad for p in (*pipe.unet.parameters(), *pipe.text_encoder.parameters()))
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
+    assert tokens.extra["setting"] == "data" and tokens.cells == list(range(9))
+
+    # Every caption (stamped ones extended by "stamp <cells>"), at fixed noise: the tuned UNet and tokens fit them
+    # better than the base UNet with the tokens' starting point.
+    prep = gt._prepare(pipe, images, captions, boxes, "stamp", 3, 2.0, stamped_only=False)
+    assert _fixed_loss(unet, pipe, tokens.vectors, prep) < 0.97 * _fixed_loss(pipe.unet, pipe, prep.vectors, prep)
+
+
+def test_data_setting_is_deterministic_and_checks_its_setting():
+    from erasekit.erasers.shapes.model import ShapesPipeline
+
+    pipe = ShapesPipeline.load()
+    images, captions, boxes = gt.shapes_data(12, 2, dropout=0.0)
+    config = _data_config(caption_dropout=0.5, warmup=2)
+    runs = [gt.train_data_removal(pipe, images, captions, boxes, "stamp", config) for _ in range(2)]
+    (tokens_a, unet_a), (tokens_b, unet_b) = runs
+    assert torch.equal(tokens_a.vectors, tokens_b.vectors)
+    assert all(torch.equal(v, unet_b.state_dict()[k]) for k, v in unet_a.state_dict().items())
+    other = gt.train_data_removal(pipe, images, captions, boxes, "stamp", _data_config(caption_dropout=0.5, seed=1))
+    assert not torch.equal(other[0].vectors, tokens_a.vectors)
+    with pytest.raises(ValueError, match="train_data_removal"):
+        gt.train_location_tokens(pipe, images, captions, boxes, "stamp", _data_config())
+    with pytest.raises(ValueError, match="data setting"):
+        gt.train_data_removal(pipe, images, captions, boxes, "stamp", gt.GeomTrainConfig())
+    with pytest.raises(ValueError, match="unknown Geom-Erasing setting"):
+        gt.GeomTrainConfig(setting="both")
+
+
+def test_cli_data_setting_writes_a_unet_folder_and_tokens(tmp_path):
+    from erasekit.erasers.cli import main
+    from erasekit.erasers.shapes.model import ShapesPipeline
+
+    out = tmp_path / "geom"
+    assert main(["train-geom", "--setting", "data", "--out", str(out), "--images", "8", "--steps", "2",
+                 "--batch-size", "2"]) == 0
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    unet, tokens = gt.load_data_removal(out)
+    assert tokens.concept == "stamp" and tokens.extra["setting"] == "data" and tokens.extra["steps"] == "2"
+    pipe = ShapesPipeline.load()
+    pipe.unet = unet
+    context = gt.encode_negative(pipe, "stamp", tokens, "everywhere")
+    images = pipe(["a red solid circle"] * 2, [0, 1], steps=2, negative_context=context)
+    assert images.shape == (2, data.SIZE, data.SIZE, 3)
+    # A negative context is the encoded negative, nothing else, whether passed or the pipeline's own.
+    worded = pipe(["a red solid circle"], [0], steps=2, negative="stamp")
+    assert (worded == pipe(["a red solid circle"], [0], steps=2, negative_context=pipe.encode(["stamp"]))).all()
+    pipe.negative_context = pipe.encode(["stamp"])
+    assert (worded == pipe(["a red solid circle"], [0], steps=2)).all()
+    assert not (worded == pipe(["a red solid circle"], [0], steps=2, negative="circle")).all()  # a call's own wins
+    with pytest.raises(FileNotFoundError, match="data-removal folder"):
+        gt.load_data_removal(tmp_path)

@@ -2,7 +2,10 @@
 Diffusion: the closed-form methods compute an `Erasure` from the UNet's attn2 K/V weights and the model's own
 text encoder (concept_edit.erase) and attach it with the diffusers adapter; SPM attaches a shipped membrane
 (trained by `erasekit train-spm`, weights/shapes-spm) with per-sample Facilitated Transport; AdvUnlearn swaps in a
-shipped text encoder (trained by `erasekit train-advunlearn`, weights/shapes-advunlearn).
+shipped text encoder (trained by `erasekit train-advunlearn`, weights/shapes-advunlearn); Geom-Erasing swaps in the
+shipped data-removal UNet (trained by `erasekit train-geom --setting data`, weights/shapes-geom) and puts the concept's
+name and location tokens in the negative prompt. `negative` is the baseline every erasure paper compares with: the
+concept's name as the negative prompt.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .. import advunlearn, concept_edit, diffusers_adapter, spm, spm_diffusers
+from .. import advunlearn, concept_edit, diffusers_adapter, geom_train, spm, spm_diffusers
 from ..erasure import Erasure
 from . import data, metrics
 from .model import CONTEXT_DIM, GUIDANCE, SAMPLE_STEPS, WEIGHTS_DIR, ShapesPipeline
@@ -20,10 +23,15 @@ ORIGINAL = "original"
 CLOSED_FORM = ("uce", "rece", "trce")
 SPM = "spm"
 ADVUNLEARN = "advunlearn"
-METHODS = (ORIGINAL, *CLOSED_FORM, SPM, ADVUNLEARN)
+NEGATIVE = "negative"
+GEOM = "geom"
+METHODS = (ORIGINAL, NEGATIVE, *CLOSED_FORM, SPM, ADVUNLEARN, GEOM)
 PRIOR_CAPTIONS = 500
 MEMBRANES_DIR = WEIGHTS_DIR.parent / "shapes-spm"
 ENCODERS_DIR = WEIGHTS_DIR.parent / "shapes-advunlearn"
+GEOM_DIR = WEIGHTS_DIR.parent / "shapes-geom"
+# The world draws its stamps in the four corners (data.py), so those are the cells its negative names.
+GEOM_CELLS = (0, 2, 6, 8)
 
 
 class UnknownMethodError(ValueError):
@@ -76,15 +84,28 @@ def spm_contexts(concept: str) -> list[str]:
             for prompt in metrics.naming_prompts(parsed)]
 
 
+def shipped_geom() -> list[str]:
+    return sorted(p.stem.replace("-", " ") for p in GEOM_DIR.glob("*.safetensors"))
+
+
 def unavailable(method: str, concept: str) -> str | None:
     """Why `method` cannot erase `concept` in this world, or None."""
-    if method == SPM:
-        shipped, command = shipped_membranes(), f"erasekit train-spm --target {concept} --out {concept}.safetensors"
-    elif method == ADVUNLEARN:
-        shipped, command = shipped_encoders(), f"erasekit train-advunlearn --concept {concept} --out {concept}"
-    else:
+    if method not in (SPM, ADVUNLEARN, GEOM):
         return None
-    if concept in shipped:
+    implicit = concept.strip().lower() in metrics.STAMP_NAMES
+    if implicit and method != GEOM:
+        return (f"the stamp is implicit (no prompt names it), so {method} has no word to train on; Geom-Erasing "
+                f"({GEOM!r}) removes it")
+    if method == GEOM:
+        if not implicit:
+            return (f"Geom-Erasing removes implicit concepts, which no prompt names (here the stamp); {concept!r} is "
+                    "named by its prompts, so the other methods erase it")
+        shipped, command = shipped_geom(), "erasekit train-geom --setting data --out DIR"
+    elif method == SPM:
+        shipped, command = shipped_membranes(), f"erasekit train-spm --target {concept} --out {concept}.safetensors"
+    else:
+        shipped, command = shipped_encoders(), f"erasekit train-advunlearn --concept {concept} --out {concept}"
+    if ("stamp" if implicit else concept) in shipped:
         return None
     return f"no shipped {method} file for {concept!r} (shipped: {', '.join(shipped) or 'none'}); train one: {command}"
 
@@ -107,6 +128,10 @@ def erased(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Itera
         finally:
             spm_diffusers.detach_membranes(pipe)
         return
+    if method in (NEGATIVE, GEOM):
+        with _negative_erasure(pipe, method, concept):
+            yield None
+        return
     if method == ADVUNLEARN:
         encoder = advunlearn.load_advunlearn(ENCODERS_DIR / concept, width=CONTEXT_DIM)
         advunlearn.swap_text_encoder(pipe, encoder)
@@ -121,6 +146,22 @@ def erased(pipe: ShapesPipeline, method: str, concept: str, prior=None) -> Itera
         yield erasure
     finally:
         diffusers_adapter.detach(pipe)
+
+
+@contextmanager
+def _negative_erasure(pipe: ShapesPipeline, method: str, concept: str) -> Iterator[None]:
+    """The concept's name as the pipeline's negative; for Geom-Erasing the name it was trained under followed by the
+    location tokens of the corners, with the data-removal UNet in place of the pipeline's."""
+    unet, negative = pipe.unet, pipe.negative_context
+    if method == GEOM:
+        pipe.unet, tokens = geom_train.load_data_removal(GEOM_DIR)
+        pipe.negative_context = geom_train.encode_negative(pipe, tokens.concept, tokens, GEOM_CELLS)
+    else:
+        pipe.negative_context = pipe.encode([concept])
+    try:
+        yield
+    finally:
+        pipe.unet, pipe.negative_context = unet, negative
 
 
 def generator(pipe: ShapesPipeline, steps: int = SAMPLE_STEPS,

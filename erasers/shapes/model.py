@@ -95,6 +95,9 @@ class ShapesPipeline:
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     scheduler: object
+    # The negative used when a call names none ([1, 77, width]); erasures that work through the negative prompt
+    # (a plain-word negative, Geom-Erasing's location tokens) set it, as a ComfyUI graph wires a negative in.
+    negative_context: torch.Tensor | None = None
 
     @classmethod
     def load(cls, path: str | Path = WEIGHTS_DIR) -> "ShapesPipeline":
@@ -129,17 +132,22 @@ class ShapesPipeline:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
                  negative: str | Sequence[str] = "", batch_size: int = 128,
-                 context: torch.Tensor | None = None) -> np.ndarray:
+                 context: torch.Tensor | None = None, negative_context: torch.Tensor | None = None) -> np.ndarray:
         """Images [N, SIZE, SIZE, 3] uint8, one per (prompt, seed); each image depends on its own seed only.
 
-        `context` replaces the encoded prompts (attacks and soft prompts pass embeddings directly)."""
+        `context` replaces the encoded prompts (attacks and soft prompts pass embeddings directly);
+        `negative_context` ([1 or N, 77, width]) the encoded negatives (learned tokens, e.g. Geom-Erasing's).
+        Without either negative, the pipeline's own `negative_context` (None: the empty prompt)."""
         prompts = list(prompts)
         negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if negative_context is None and not any(negatives):
+            negative_context = self.negative_context
         out = []
         for start in range(0, len(prompts), batch_size):
             end = min(start + batch_size, len(prompts))
             cond = context[start:end] if context is not None else self.encode(prompts[start:end])
-            uncond = self.encode(negatives[start:end])
+            uncond = (self.encode(negatives[start:end]) if negative_context is None
+                      else negative_context.expand(len(prompts), -1, -1)[start:end])
             noise = torch.stack([torch.randn(3, data.SIZE, data.SIZE, generator=torch.Generator().manual_seed(int(s)))
                                  for s in seeds[start:end]])
             out.append(self.denoise(noise, cond, uncond, steps, guidance))
