@@ -247,7 +247,8 @@ def run_demo(out: Path, concept: str = "circle", method_names: list[str] | None 
     start = time.time()
     pipe, judge = ShapesPipeline.load(), Judge.load()
     grid_rows = demo_prompts(parsed)
-    print(f"shapes world: erasing {concept!r} with {', '.join(m for m in method_names if m != 'original')}; "
+    erasing = [m for m in method_names if m != methods.ORIGINAL and not methods.unavailable(m, concept)]
+    print(f"shapes world: erasing {concept!r} with {', '.join(erasing)}; "
           f"{n} images per cell (erasekit eval runs 50)\n{HEADER}", flush=True)
     rows, cells = evaluate(pipe, judge, method_names, [concept], n, grid_rows=grid_rows,
                            log=lambda line: print(line, flush=True))
