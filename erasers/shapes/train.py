@@ -129,7 +129,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--minutes", type=float, help="stop (with a checkpoint) after this much training time")
+    ap.add_argument("--minutes", type=float, help="stop (with a checkpoint) once the run has trained this long in all, "
+                    "counting the minutes of earlier sessions in --out")
     ap.add_argument("--export", type=Path, help="write the EMA model here when training stops")
     args = ap.parse_args(argv)
     summary = train(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, minutes=args.minutes)
