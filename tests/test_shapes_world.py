@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -78,6 +77,16 @@ def test_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(x, y)
     lines = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4]
+
+
+def test_card_pace_is_the_runs_fastest_hundred_steps(tmp_path):
+    """Two sessions: 6 s/step on a shared machine, then a resume (step 40 logged again) at 3 s/step alone."""
+    from erasekit.erasers.shapes.card import fastest_pace
+
+    rows = [{"step": s, "loss": 0.1, "minutes": s * 6 / 60} for s in range(10, 50, 10)]
+    rows += [{"step": s, "loss": 0.1, "minutes": 4 + (s - 40) * 3 / 60} for s in range(40, 250, 10)]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert fastest_pace(tmp_path / "log.jsonl") == pytest.approx(3.0)
 
 
 # --- demo / eval commands ---------------------------------------------------------------------------------------
