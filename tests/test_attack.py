@@ -39,7 +39,7 @@ def _circle_probes(pipe, n: int):
 
 @pytest.fixture(scope="module")
 def rece_attack(pipe):
-    """A 10-step attack on three circle prompts against RECE (which erases circles here), with what the test
+    """A 25-step attack on three circle prompts against RECE (which erases circles here), with what the test
     needs from before and after it."""
     prompts, seeds, targets = _circle_probes(pipe, 3)
     # A caller's mixed requires_grad flags, to see them come back as they were.
@@ -51,7 +51,7 @@ def rece_attack(pipe):
     timesteps = torch.randint(1000, (HELD_OUT_DRAWS, len(prompts)), generator=g)
     noise = torch.randn(HELD_OUT_DRAWS, *targets.shape, generator=g)
     with methods.erased(pipe, "rece", "circle"):
-        result = attack.unlearn_diff_attack(pipe, prompts, targets, seeds=seeds, steps=10)
+        result = attack.unlearn_diff_attack(pipe, prompts, targets, seeds=seeds, steps=25)
         ids = soft_prompt.prefixed_ids(pipe.tokenizer, prompts, attack.K)
         with torch.no_grad():
             held_out = {name: torch.stack([attack.attack_loss(pipe, ids, prefix, targets, timesteps[r], noise[r])
@@ -67,7 +67,7 @@ def test_attack_lowers_its_loss_on_held_out_draws(rece_attack):
     # Same (t, ε) draws for both prefixes, none of them the training draws: every prompt's loss goes down.
     initial, attacked = rece_attack["held_out"]["initial"], rece_attack["held_out"]["attacked"]
     assert torch.all(attacked < initial), (initial, attacked)
-    assert rece_attack["result"].losses.shape == (10, 3)
+    assert rece_attack["result"].losses.shape == (25, 3)
 
 
 def test_the_callers_model_is_bit_identical_and_gets_no_gradients(rece_attack, pipe):
