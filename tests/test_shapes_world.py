@@ -87,6 +87,9 @@ def test_card_pace_is_the_runs_fastest_hundred_steps(tmp_path):
     rows += [{"step": s, "loss": 0.1, "minutes": 4 + (s - 40) * 3 / 60} for s in range(40, 250, 10)]
     (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert fastest_pace(tmp_path / "log.jsonl") == pytest.approx(3.0)
+    (tmp_path / "short.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:5]))
+    with pytest.raises(ValueError, match="no 100 consecutive steps"):
+        fastest_pace(tmp_path / "short.jsonl")
 
 
 # --- demo / eval commands ---------------------------------------------------------------------------------------

@@ -29,8 +29,12 @@ def fastest_pace(log: Path, stretch: int = 100) -> float:
     which the wall time (covering sessions on a shared machine) does not show."""
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     by_step = {r["step"]: r["minutes"] for r in rows if "loss" in r}
-    return min(60 * (by_step[s + stretch] - m) / stretch for s, m in by_step.items()
-               if s + stretch in by_step and by_step[s + stretch] > m)
+    paces = [60 * (by_step[s + stretch] - m) / stretch for s, m in by_step.items()
+             if s + stretch in by_step and by_step[s + stretch] > m]
+    if not paces:
+        raise ValueError(f"{log} logs no {stretch} consecutive steps to time the run by; card a run that has "
+                         f"trained at least {stretch} steps past its first logged one")
+    return min(paces)
 
 
 def render_card(pipe: model.ShapesPipeline, summary: dict, quality: dict, size_mb: float, pace: float) -> str:
@@ -100,11 +104,12 @@ def main(argv=None) -> None:
     ap.add_argument("--weights", type=Path, default=model.WEIGHTS_DIR)
     args = ap.parse_args(argv)
     summary = json.loads((args.run / "summary.json").read_text())
+    # Read before the minutes of measuring and before writing anything, so a bad run folder leaves the card whole.
+    pace = fastest_pace(args.run / "log.jsonl")
     pipe = model.ShapesPipeline.load(args.weights)
     quality = measure_quality(pipe, Judge.load())
     size = sum(f.stat().st_size for f in args.weights.rglob("*.safetensors")) / 1e6
     (args.weights / "quality.json").write_text(json.dumps(quality, indent=1))
-    pace = fastest_pace(args.run / "log.jsonl")
     (args.weights / "README.md").write_text(render_card(pipe, summary, quality, size, pace))
     print(json.dumps(quality))
 
