@@ -62,12 +62,13 @@ Command: `python -m erasekit.erasers.shapes.train --out RUN --steps {summary['st
 (resumable: rerun the same command after an interruption; batch s is a pure function of (seed, s), so a resumed
 run gives the weights of an uninterrupted one).
 
-| seed | steps | batch | lr (warm-up) | EMA | wall time | final loss (EMA of per-step loss) | machine |
-|---|---|---|---|---|---|---|---|
-| {summary['seed']} | {summary['steps']} | {summary['batch_size']} | {summary['lr']} ({summary['warmup']} steps) | {summary['ema_decay']} | {summary['minutes']:.0f} min | {summary['final_loss_avg']:.4f} | 2 CPU cores, {summary['threads']} torch threads |
+| seed | steps | batch | lr (warm-up) | wall time | final loss (smoothed per-step loss) | machine |
+|---|---|---|---|---|---|---|
+| {summary['seed']} | {summary['steps']} | {summary['batch_size']} | {summary['lr']} ({summary['warmup']} steps) | {summary['minutes']:.0f} min | {summary['final_loss_avg']:.4f} | 2 CPU cores, {summary['threads']} torch threads |
 
 Objective: ε-prediction MSE with min-SNR-5 weighting, {int(100 * data.CAPTION_DROPOUT)}% empty captions for
-classifier-free guidance; text encoder and UNet trained together from scratch. The wall time includes other work
+classifier-free guidance; text encoder and UNet trained together from scratch; the model is the last step's weights
+(no EMA: `train.py` says why). The wall time includes other work
 sharing the two cores during the run; the run's fastest 100 steps took {pace:.2f} s each, a pace at which its
 {summary['steps']} steps take {pace * summary['steps'] / 60:.0f} min.
 

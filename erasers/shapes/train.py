@@ -1,5 +1,8 @@
 """Train the shapes-world model from scratch: text encoder and UNet together, ε-prediction with min-SNR weighting,
-10% empty captions for classifier-free guidance, an EMA of the weights for sampling.
+10% empty captions for classifier-free guidance; the final step's weights are the model.
+
+No EMA of the weights: on the 4,000-step run an EMA (decay 0.998) drew the never-captioned stamp at 16% against the
+training rate's 30%, the final weights at 26%, with the same shape, colour and pattern accuracy (within a point).
 
 Deterministic and resumable: batch `s` is `data.batch(seed + s, batch_size)` and its timesteps and noise come from
 a generator seeded with (seed, s), so a run resumed from a checkpoint sees exactly the batches an uninterrupted
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -48,12 +50,10 @@ def _lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
 
-def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup: int = 200, ema_decay: float = 0.998,
-          seed: int = 0, minutes: float | None = None, save_every: int = 100, log_every: int = 10) -> dict:
+def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup: int = 200, seed: int = 0, minutes: float | None = None, save_every: int = 100, log_every: int = 10) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, text_encoder, unet = model.build_models(seed)
     params = [*unet.parameters(), *text_encoder.parameters()]
-    ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     step, elapsed, loss_avg = 0, 0.0, None
     ckpt = out / "checkpoint.pt"
@@ -61,8 +61,6 @@ def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup:
         state = torch.load(ckpt, weights_only=True)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
-        for e, v in zip(ema, state["ema"]):
-            e.copy_(v)
         opt.load_state_dict(state["opt"])
         step, elapsed, loss_avg = state["step"], state["elapsed"], state["loss_avg"]
         print(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
@@ -71,7 +69,7 @@ def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup:
     log = (out / "log.jsonl").open("a")
 
     def save() -> None:
-        state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(), "ema": ema,
+        state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                  "opt": opt.state_dict(), "step": step, "elapsed": time.time() - start, "loss_avg": loss_avg}
         torch.save(state, out / "checkpoint.tmp")
         (out / "checkpoint.tmp").replace(ckpt)
@@ -87,10 +85,6 @@ def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
         step += 1
         value = loss.item()
         loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
@@ -105,20 +99,18 @@ def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup:
         if out_of_time:
             break
     summary = {"seed": seed, "steps": step, "target_steps": steps, "batch_size": batch_size, "lr": lr,
-               "warmup": warmup, "ema_decay": ema_decay, "minutes": (time.time() - start) / 60,
+               "warmup": warmup, "minutes": (time.time() - start) / 60,
                "final_loss_avg": loss_avg, "threads": torch.get_num_threads()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def export(run: Path, dest: Path) -> None:
-    """Write the EMA weights of `run`'s checkpoint as a ShapesPipeline folder."""
+    """Write the weights of `run`'s checkpoint as a ShapesPipeline folder."""
     tokenizer, text_encoder, unet = model.build_models()
     state = torch.load(run / "checkpoint.pt", weights_only=True)
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    with torch.no_grad():
-        for p, e in zip(params, state["ema"]):
-            p.copy_(e)
+    unet.load_state_dict(state["unet"])
+    text_encoder.load_state_dict(state["text_encoder"])
     model.ShapesPipeline(tokenizer, text_encoder.eval(), unet.eval(), model.build_scheduler()).save(dest)
 
 
@@ -131,7 +123,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, help="stop (with a checkpoint) once the run has trained this long in all, "
                     "counting the minutes of earlier sessions in --out")
-    ap.add_argument("--export", type=Path, help="write the EMA model here when training stops")
+    ap.add_argument("--export", type=Path, help="write the model here when training stops")
     args = ap.parse_args(argv)
     summary = train(args.out, args.steps, args.batch_size, args.lr, seed=args.seed, minutes=args.minutes)
     print(json.dumps(summary))
