@@ -50,7 +50,8 @@ def _lr(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / warmup)
 
 
-def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup: int = 200, seed: int = 0, minutes: float | None = None, save_every: int = 100, log_every: int = 10) -> dict:
+def train(out: Path, steps: int, batch_size: int = 64, lr: float = 5e-4, warmup: int = 200, seed: int = 0,
+          minutes: float | None = None, save_every: int = 100, log_every: int = 10) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer, text_encoder, unet = model.build_models(seed)
     params = [*unet.parameters(), *text_encoder.parameters()]
