@@ -4,10 +4,11 @@
 No EMA of the weights: on the 4,000-step run an EMA (decay 0.998) drew the never-captioned stamp at 16% against the
 training rate's 30%, the final weights at 26%, with the same shape, colour and pattern accuracy (within a point).
 
-Deterministic and resumable: batch `s` is `data.batch(seed + s, batch_size)` and its timesteps and noise come from
-a generator seeded with (seed, s), so a run resumed from a checkpoint sees exactly the batches an uninterrupted
-run would. A checkpoint (`DIR/checkpoint.pt`, our own tensors only, read back with weights_only) is written every
-`--save-every` steps and when the time budget runs out; `DIR/log.jsonl` has one line per logged step.
+Deterministic and resumable: batch `s` is `data.batch(seed * 1_000_003 + s, batch_size)` and its timesteps and
+noise come from a generator with the same seed (distinct for every (seed, s) of a run), so a run resumed from a
+checkpoint sees exactly the batches an uninterrupted run would. A checkpoint (`DIR/checkpoint.pt`, our own
+tensors only, read back with weights_only) is written every `--save-every` steps and when the time budget runs
+out; `DIR/log.jsonl` has one line per logged step.
 
     python -m erasekit.erasers.shapes.train --out runs/world --steps 2400 [--minutes 170] [--export weights/shapes-world]
 """
