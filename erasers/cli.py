@@ -613,8 +613,8 @@ def _add_train_geom_parser(sub) -> None:
     train.add_argument("--warmup", type=int, default=None, help="data setting: steps of linear learning-rate "
                        f"warm-up (default {w.get('warmup', d.warmup)})")
     train.add_argument("--caption-dropout", type=float, default=None,
-                       help=f"data setting: fraction of empty captions (default {w['caption_dropout']:g}, the shapes "
-                            "world's)")
+                       help="data setting: fraction of captions whose words are dropped, the concept's name and "
+                            f"tokens kept (default {w['caption_dropout']:g})")
     train.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, 0 off; "
                        + default("min_snr_gamma") + ", the shapes world's own objective")
     train.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")

@@ -249,6 +249,28 @@ def test_data_setting_fine_tunes_a_copy_of_the_unet_and_lowers_the_loss():
     assert _fixed_loss(unet, pipe, tokens.vectors, prep) < 0.97 * _fixed_loss(pipe.unet, pipe, prep.vectors, prep)
 
 
+def test_a_dropped_caption_keeps_the_concept_and_its_cells():
+    """Caption dropout drops a caption's words only: an image with the concept keeps "stamp" and its cells' tokens
+    (the negative prompt the model will be given), one without it gets the empty caption."""
+    from erasekit.erasers.shapes.model import ShapesPipeline
+
+    pipe = ShapesPipeline.load()
+    images, captions, boxes = gt.shapes_data(16, 4, dropout=0.0)
+    prep = gt._prepare(pipe, images, captions, boxes, "stamp", 3, 2.0, stamped_only=False)
+    tok = pipe.tokenizer
+    vocab = pipe.text_encoder.get_input_embeddings().weight.shape[0]
+    stamp = tok("stamp", add_special_tokens=False)["input_ids"]
+    empty = tok("", padding="max_length", max_length=77)["input_ids"]
+    assert any(boxes) and not all(boxes)
+    for row, image_boxes in zip(prep.bare.tolist(), boxes):
+        if not image_boxes:
+            assert row == empty
+            continue
+        cells = geom.cells_of_box(image_boxes[0], data.SIZE, data.SIZE, 3)
+        expected = [tok.bos_token_id, *stamp, *(vocab + c for c in cells), tok.eos_token_id]
+        assert row == expected + [tok.pad_token_id] * (77 - len(expected))
+
+
 def test_data_setting_is_deterministic_and_checks_its_setting():
     from erasekit.erasers.shapes.model import ShapesPipeline
 

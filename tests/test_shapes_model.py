@@ -122,9 +122,9 @@ def test_negative_baseline_and_geom_set_the_negative_and_restore(world):
 
 
 def test_shipped_geom_erasing_cuts_the_stamp(world):
-    """The shipped data-removal UNet with its negative against the base model on 144 ordinary prompts (180 images).
-    eval at n = 180 per cell: stamp rate 23.6% → 4.2%, shape accuracy −6.1 points (past the issue's 3: README,
-    Geom-Erasing); on these probes the cost is 14 images (7.8%), so the bound guards against worse, not the target."""
+    """The shipped data-removal UNet with its negative against the base model on 144 ordinary prompts (180 images):
+    it at least halves the stamp rate (eval at n = 180 per cell: 23.6% → 5.8%, README, Geom-Erasing) and costs
+    under the issue's 3 points of shape accuracy."""
     from erasekit.erasers.shapes import methods, metrics
 
     pipe, judge = world
@@ -135,7 +135,7 @@ def test_shipped_geom_erasing_cuts_the_stamp(world):
         erased = judge(pipe(prompts, seeds))
     assert erased.stamp.sum() * 2 < base.stamp.sum(), (erased.stamp.sum(), base.stamp.sum())
     shape_right = lambda v: sum(v.shape[i] == data.SHAPES.index(p.shape) for i, p in enumerate(probes))  # noqa: E731
-    assert shape_right(erased) >= shape_right(base) - 0.10 * len(probes)
+    assert shape_right(erased) >= shape_right(base) - 0.03 * len(probes)
 
 
 @pytest.mark.slow
