@@ -323,7 +323,7 @@ def run_cli(args) -> int:
     started, cpu = time.perf_counter(), time.process_time()
     pipe = ShapesPipeline.load(args.model) if args.model else ShapesPipeline.load()
     setting = args.setting
-    # In the data setting every caption is trained on and empty ones are drawn per step, so the shapes world's
+    # In the data setting every caption is trained on and its words are dropped per step, so the shapes world's
     # captions come whole; the model setting keeps its earlier data.
     images, captions, boxes = (read_folder(args.data) if args.data else
                                shapes_data(args.images or SHAPES_IMAGES[setting], args.seed,
