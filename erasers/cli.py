@@ -604,8 +604,8 @@ def _add_train_geom_parser(sub) -> None:
                             f"{SHAPES_IMAGES['data']} data setting)")
     train.add_argument("--model", default=None, metavar="DIR", help="a shapes-world model folder (default: shipped)")
     train.add_argument("--grid", type=int, default=d.grid, help=f"k of the k x k grid (default {d.grid})")
-    train.add_argument("--alpha", type=float, default=d.alpha,
-                       help=f"re-weighting; > 1 down-weights the concept's pixels (default {d.alpha:g})")
+    train.add_argument("--alpha", type=float, default=None,
+                       help=f"re-weighting; > 1 down-weights the concept's pixels ({default('alpha')})")
     train.add_argument("--steps", type=int, default=None, help=default("steps"))
     train.add_argument("--batch-size", type=int, default=None, help=default("batch_size"))
     train.add_argument("--lr", type=float, default=None, help=f"of the tokens (default {d.lr:g})")

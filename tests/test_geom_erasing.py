@@ -195,7 +195,8 @@ def test_cli_trains_from_a_captioned_folder_and_reports_bad_boxes(tmp_path, caps
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "stamp.safetensors"
     assert main(["train-geom", "--data", str(tmp_path), "--out", str(out), "--steps", "2", "--batch-size", "2"]) == 0
-    assert LocationTokens.load(out).cells == list(range(9))
+    written = LocationTokens.load(out)
+    assert written.cells == list(range(9)) and written.extra["alpha"] == str(gt.GeomTrainConfig().alpha)
 
     rows[0]["boxes"] = [[28, 28, 40, 40]]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -301,6 +302,7 @@ def test_cli_data_setting_writes_a_unet_folder_and_tokens(tmp_path):
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     unet, tokens = gt.load_data_removal(out)
     assert tokens.concept == "stamp" and tokens.extra["setting"] == "data" and tokens.extra["steps"] == "2"
+    assert tokens.extra["alpha"] == str(gt.SHAPES_DATA_SETTING["alpha"]) != str(gt.GeomTrainConfig().alpha)
     pipe = ShapesPipeline.load()
     pipe.unet = unet
     context = gt.encode_negative(pipe, "stamp", tokens, "everywhere")

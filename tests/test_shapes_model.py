@@ -123,8 +123,9 @@ def test_negative_baseline_and_geom_set_the_negative_and_restore(world):
 
 def test_shipped_geom_erasing_cuts_the_stamp(world):
     """The shipped data-removal UNet with its negative against the base model on 144 ordinary prompts (180 images):
-    it at least halves the stamp rate (eval at n = 180 per cell: 23.6% → 5.8%, README, Geom-Erasing) and costs
-    under the issue's 3 points of shape accuracy."""
+    it cuts the stamp rate at least five-fold (here 50 → 4 stamps; eval at n = 180 per cell: 23.6% → 2.2%, README,
+    Geom-Erasing; the α = 2 model shipped before, at 5.8%, would leave about 10) and costs under the issue's 3
+    points of shape accuracy."""
     from erasekit.erasers.shapes import methods, metrics
 
     pipe, judge = world
@@ -133,7 +134,7 @@ def test_shipped_geom_erasing_cuts_the_stamp(world):
     base = judge(pipe(prompts, seeds))
     with methods.erased(pipe, "geom", "stamp"):
         erased = judge(pipe(prompts, seeds))
-    assert erased.stamp.sum() * 2 < base.stamp.sum(), (erased.stamp.sum(), base.stamp.sum())
+    assert erased.stamp.sum() * 5 < base.stamp.sum(), (erased.stamp.sum(), base.stamp.sum())
     shape_right = lambda v: sum(v.shape[i] == data.SHAPES.index(p.shape) for i, p in enumerate(probes))  # noqa: E731
     assert shape_right(erased) >= shape_right(base) - 0.03 * len(probes)
 
