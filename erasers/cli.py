@@ -690,6 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "membranes (Facilitated Transport) vs the plain UNet and per-prompt merged weights")
     bench.add_argument("--repeats", type=int, default=3,
                        help="timed runs (median); closed-form references run once")
+    bench.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
     closed = bench.add_argument_group("closed-form")
     closed.add_argument("--family", nargs="+", choices=["sd15", "sdxl"], default=["sd15", "sdxl"])
     closed.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 50])
@@ -702,7 +703,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tiny-sd15: SD1.5 widths on two levels, 107 M parameters; sd15: the full 860 M UNet")
     spm.add_argument("--steps", type=int, default=30,
                      help="sampler steps the reference's per-prompt rebuild is spread over (infer_spm.py: 30)")
-    spm.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
     spm.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     bench.set_defaults(run=_bench)
     return parser
@@ -731,10 +731,14 @@ def _bench_closed_form(args: argparse.Namespace) -> int:
     """Print our closed-form edit times beside the per-layer dense reference, the read-once time and file sizes."""
     from .bench_closed_form import run_closed_form
 
-    print("UCE/RECE on random weights of the real K/V shapes; RECE = UCE + 1 epoch. Ours: medians; per-layer "
-          "references: one run on every 8th layer (plus one on none, for the per-concept part), scaled to all.",
-          flush=True)
-    run_closed_form(tuple(args.family), tuple(args.concepts), args.repeats)
+    try:
+        device = _device(args.device)
+    except ValueError as err:
+        return _error(err)
+    print(f"UCE/RECE on random weights of the real K/V shapes, float32 on {device}; RECE = UCE + 1 epoch. Ours: "
+          "medians; per-layer references: one run on every 8th layer (plus one on none, for the per-concept part), "
+          "scaled to all.", flush=True)
+    run_closed_form(tuple(args.family), tuple(args.concepts), args.repeats, device)
     return 0
 
 

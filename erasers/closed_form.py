@@ -58,10 +58,10 @@ def solve_shared(keys: torch.Tensor, lam: float, erase_scale: float, preserve: t
     u = torch.cat(parts)
     if prior is None and lam > 0 and u.shape[0] < n:
         # Woodbury: M⁻¹ = (I − Uᵀ(λI + UUᵀ)⁻¹U) / λ, a k×k solve instead of n×n.
-        inner = lam * torch.eye(u.shape[0], dtype=torch.float64) + u @ u.T
+        inner = lam * torch.eye(u.shape[0], dtype=torch.float64, device=u.device) + u @ u.T
         solved = c - torch.linalg.solve(inner, u @ c.T).T @ u
         return erase_scale / lam * solved
-    m = lam * torch.eye(n, dtype=torch.float64) + u.T @ u
+    m = lam * torch.eye(n, dtype=torch.float64, device=u.device) + u.T @ u
     if prior is not None:
         m = m + prior.double()
     return erase_scale * torch.linalg.solve(m, c.T).T
@@ -81,11 +81,11 @@ def tensor_targets(projected_keys: torch.Tensor, projected_guides: torch.Tensor,
 
 
 def _thin_product(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """weight @ columns for a thin right side. MKL's sgemm takes 2-4× longer for 2 to 15 columns than for 16 (SDXL's
-    140 K/V weights times 10 columns: 0.27-0.53 s, times 16: 0.18-0.20 s, on 2 AVX2 cores), so those are padded
-    with zero columns to 16; one column stays a matrix-vector product."""
+    """weight @ columns for a thin right side. On the CPU, MKL's sgemm takes 2-4× longer for 2 to 15 columns than for
+    16 (SDXL's 140 K/V weights times 10 columns: 0.27-0.53 s, times 16: 0.18-0.20 s, on 2 AVX2 cores), so those are
+    padded with zero columns to 16; one column stays a matrix-vector product."""
     m = columns.shape[1]
-    if 1 < m < 16:
+    if weight.device.type == "cpu" and 1 < m < 16:
         padded = torch.cat([columns, columns.new_zeros(columns.shape[0], 16 - m)], dim=1)
         return (weight @ padded)[:, :m]
     return weight @ columns
@@ -95,9 +95,11 @@ class KVEdit:
     """Cross-attention K/V weights of one context width and an accumulated low-rank edit ΔWₗ = Aₗ S.
 
     Every step of UCE/RECE/TRCE adds columns to each Aₗ and rows to the shared S; nothing dense is formed until
-    `layers()` decides per layer whether factors or a dense matrix are smaller. The factors are kept in float64
-    (they are thin) and products with the weights run in float32: RECE's ridge systems are ill-conditioned
-    (λ ≪ ‖c‖²), and rounding the factors would show in the edit.
+    `layers()` decides per layer whether factors or a dense matrix are smaller. Products with the weights run in
+    float32; from the second edit on the factors are kept in float64 (they are thin): RECE's ridge systems are
+    ill-conditioned (λ ≪ ‖c‖²), and rounding the factors would show in the edit. A first edit's up factors are
+    float32 products and stay float32 until then: a float64 copy would be exact, and one more pass per layer is what
+    would keep UCE on a GPU from running at the speed of reading the weights.
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor]):
@@ -106,22 +108,29 @@ class KVEdit:
             raise ValueError(f"KVEdit takes layers of one context width, got {sorted(widths)}")
         self.base = {name: w.detach().float() for name, w in base.items()}
         self.width = widths.pop()
-        self.ups: dict[str, torch.Tensor] = {name: w.new_zeros(w.shape[0], 0, dtype=torch.float64) for name, w in self.base.items()}
-        self.down = torch.zeros(0, self.width, dtype=torch.float64)
+        self.ups: dict[str, torch.Tensor] = {name: w.new_zeros(w.shape[0], 0) for name, w in self.base.items()}
+        self.down = torch.zeros(0, self.width, dtype=torch.float64, device=next(iter(self.base.values())).device)
         self._gram: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
-    def project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """W′ xᵀ for the current (edited) weight: x is m×n, the result d×m."""
-        x = x.double()
-        return _thin_product(self.base[name], x.T.float()).double() + self.ups[name] @ (self.down @ x.T)
+    def projector(self, x: torch.Tensor) -> Callable[[str], torch.Tensor]:
+        """name -> W′ xᵀ (d×m) for the current (edited) weight of that layer, x m×n: what depends on x alone is
+        computed once for all layers. Float32 while nothing is edited, float64 after."""
+        columns = x.T.float().contiguous()
+        if self.rank == 0:
+            return lambda name: _thin_product(self.base[name], columns)
+        low = self.down @ x.double().T
+        return lambda name: _thin_product(self.base[name], columns).double() + self.ups[name].double() @ low
 
     def add(self, ups: Mapping[str, torch.Tensor], down: torch.Tensor) -> None:
-        for name, up in ups.items():
-            self.ups[name] = torch.cat([self.ups[name], up], dim=1)
+        """Append columns to every layer's up factor and the matching rows to the shared down factor."""
+        if self.rank == 0:
+            self.ups = {name: ups[name] for name in self.base}
+        else:
+            self.ups = {name: torch.cat([self.ups[name].double(), ups[name].double()], dim=1) for name in self.base}
         self.down = torch.cat([self.down, down])
 
     def erase(self, pairs: Pairs, *, lam: float, erase_scale: float, preserve: torch.Tensor | None = None,
@@ -130,15 +139,17 @@ class KVEdit:
         keys, guides = pairs.stacked()
         shared = solve_shared(keys, lam, erase_scale, preserve, preserve_scale, prior)
         blocks = [k.shape[0] for k in pairs.keys]
-        ups = {}
-        for name in self.base:
-            if technique == "replace":
-                ups[name] = self.project(name, guides - keys)
-            elif technique == "tensor":
-                projected = self.project(name, keys)
-                ups[name] = tensor_targets(projected, self.project(name, guides), blocks) - projected
-            else:
-                raise ValueError(f"unknown technique {technique!r}: use 'replace' or 'tensor'")
+        if technique == "replace":
+            difference = self.projector(guides - keys)
+            ups = {name: difference(name) for name in self.base}
+        elif technique == "tensor":
+            erased, guided = self.projector(keys), self.projector(guides)
+            ups = {}
+            for name in self.base:
+                projected = erased(name)
+                ups[name] = tensor_targets(projected, guided(name), blocks) - projected
+        else:
+            raise ValueError(f"unknown technique {technique!r}: use 'replace' or 'tensor'")
         self.add(ups, shared)
 
     def gram(self) -> torch.Tensor:
@@ -161,11 +172,11 @@ class KVEdit:
         g = self.gram()
         s = self.down.double()
         p = sum((self.base[n].T @ self.ups[n].float()).double() for n in self.base)
-        q = sum(self.ups[n].T @ self.ups[n] for n in self.base)
+        q = sum(self.ups[n].double().T @ self.ups[n].double() for n in self.base)
         e = p @ s + s.T @ q @ s
         edited_base = g + s.T @ p.T  # Σ W′ᵀW
         edited_edited = edited_base + e  # Σ W′ᵀW′
-        eye = torch.eye(self.width, dtype=torch.float64)
+        eye = torch.eye(self.width, dtype=torch.float64, device=s.device)
         c = concepts.double().T
         if variant in ("regzero", "standard"):
             correction = (e + reg * eye) @ c

@@ -19,7 +19,7 @@ def uce_layer(w0: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, *, lam
     """
     n = w0.shape[1]
     mat1 = lam * w0 + erase_scale * values @ keys
-    mat2 = lam * torch.eye(n, dtype=w0.dtype) + erase_scale * keys.T @ keys
+    mat2 = lam * torch.eye(n, dtype=w0.dtype, device=w0.device) + erase_scale * keys.T @ keys
     if preserve is not None:
         mat1 = mat1 + preserve_scale * (w0 @ preserve.T) @ preserve
         mat2 = mat2 + preserve_scale * preserve.T @ preserve
@@ -55,8 +55,8 @@ def rece_embedding(edited: Mapping[str, torch.Tensor], original: Mapping[str, to
                    reg: float) -> torch.Tensor:
     """RECE's close_regzero: c′ = (Σ W′ᵀW′ + λ_r I)⁻¹ Σ W′ᵀW c, summed over all layers (rows of concept)."""
     n = concept.shape[1]
-    mat1 = reg * torch.eye(n, dtype=concept.dtype)
-    mat2 = torch.zeros(n, n, dtype=concept.dtype)
+    mat1 = reg * torch.eye(n, dtype=concept.dtype, device=concept.device)
+    mat2 = torch.zeros(n, n, dtype=concept.dtype, device=concept.device)
     for name, w_edit in edited.items():
         mat1 = mat1 + w_edit.T @ w_edit
         mat2 = mat2 + w_edit.T @ original[name]

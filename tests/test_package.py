@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import erasekit
 
@@ -91,3 +92,11 @@ def test_bench_closed_form_prints_ours_reference_and_ratio(capsys):
     assert "per-layer" in out and "read-once" in out
     row = next(line for line in out.splitlines() if line.startswith("sd15"))
     assert row.count("x") >= 4  # speed-ups and ratios are printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_bench_closed_form_refuses_a_missing_gpu(capsys):
+    from erasekit.erasers.cli import main
+
+    assert main(["bench", "closed-form", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
