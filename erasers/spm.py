@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import gated_lowrank
 from .erasure import ErasureFileError, FamilyMismatchError
 from .families import FAMILIES, FamilyError, UNetLayout, kv_family
 from .text import Encoder
@@ -344,9 +345,16 @@ class MembraneStack:
     def add_to(self, output: Tensor, x: Tensor, strengths: Tensor, stride=1, padding=0, dilation=1) -> Tensor:
         """`output` + ΔW applied to the module input `x` [B, …], sample b at strengths[b] ([B, M]; [1, M] for all
         samples). `output` is the base module's result for `x`; Conv2d stride/padding/dilation are the base module's
-        (the down conv copies them, the up conv is 1×1)."""
+        (the down conv copies them, the up conv is 1×1). On CUDA, where nothing needs a gradient, "additive" runs
+        as one fused kernel that adds into `output` in place (gated_lowrank.py); these torch operations are its
+        reference."""
         if strengths.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"strengths for {strengths.shape[0]} samples but a batch of {x.shape[0]}")
+        if self.combine == "additive":
+            fused = gated_lowrank.add(output, x, self.down, self.up, strengths, self.owner, self.scale, stride,
+                                      padding, dilation)
+            if fused is not None:
+                return fused
         conv = self.down.dim() == 4
         h = F.conv2d(x, self.down, None, stride, padding, dilation).movedim(1, -1) if conv else x @ self.down.T
         m = strengths.to(h.dtype).reshape(strengths.shape[0], *([1] * (h.dim() - 2)), strengths.shape[1])

@@ -103,6 +103,7 @@ class _Attached:
         self.transport = transport
         self.current: Tensor | None = None if transport else strengths[None]
         self.handles: list = []
+        self._context: tuple[Tensor, int, Tensor] | None = None  # (context, its version, its gates on its device)
 
     def gates(self, context: Tensor) -> Tensor:
         if self.transport is None:
@@ -113,7 +114,12 @@ class _Attached:
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if context is None:
             raise ValueError("SPM Facilitated Transport needs the UNet's encoder_hidden_states")
-        self.current = self.gates(context).to(context.device)
+        # A sampler passes the same context tensor at every step: its gates are reused rather than its rows hashed
+        # again, which would copy them to the host and wait for the GPU each step. Holding the tensor keeps its
+        # identity from being reused; an in-place change bumps its version.
+        if self._context is None or self._context[0] is not context or self._context[1] != context._version:
+            self._context = (context, context._version, self.gates(context).to(context.device))
+        self.current = self._context[2]
 
     def leave(self, module: nn.Module, args: tuple, output) -> None:
         self.current = None
@@ -131,6 +137,8 @@ class _LayerHook:
             raise RuntimeError(f"{self.path} ran outside a UNet call: Facilitated Transport has no context to gate "
                                "its SPM membrane")
         x = args[0]
+        if strengths.device != x.device:  # FT off: the fixed strengths move to the model's device once
+            strengths = self.state.current = strengths.to(x.device)
         self.stack = self.stack.to(x.device, x.dtype)
         return self.stack.add_to(output, x, strengths, **self.conv)
 

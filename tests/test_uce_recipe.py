@@ -7,7 +7,6 @@ Official recipe (rohitgandikota/unified-concept-editing, trainscripts/uce_sd_era
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
