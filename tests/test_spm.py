@@ -355,6 +355,26 @@ def test_ft_off_equals_a_dense_merge_at_fixed_strengths(shapes_pipe):
     assert _relative_error(out, reference) <= 1e-5
 
 
+def test_a_repeated_context_reuses_its_gates_until_it_changes_in_place(shapes_pipe, monkeypatch):
+    unet = shapes_pipe.unet
+    membranes = [_random_membrane(membrane_targets(shapes_pipe), ["circle"], seed=1)]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    attach_membranes(shapes_pipe, membranes)
+    context = shapes_pipe.encode(["a red circle", "a blue cross"])
+    hashed = []
+    original = spm_diffusers.row_keys
+    monkeypatch.setattr(spm_diffusers, "row_keys", lambda rows: hashed.append(len(rows)) or original(rows))
+    first = _run(unet, x, context)
+    calls = len(hashed)
+    assert calls and torch.equal(_run(unet, x, context), first) and len(hashed) == calls  # no row hashed again
+    swapped = context.flip(0).clone()
+    context.copy_(swapped)  # the same tensor, new rows: its gates must follow them
+    out = _run(unet, x, context)
+    assert len(hashed) > calls
+    assert torch.equal(out, _run(unet, x, swapped))  # as a fresh tensor with those rows
+    detach_membranes(shapes_pipe)
+
+
 def test_gates_are_computed_once_per_prompt_in_a_pipeline_run(sd1_pipe, monkeypatch):
     membrane = _random_membrane(membrane_targets(sd1_pipe), ["circle"])
     attach_membranes(sd1_pipe, [membrane])
