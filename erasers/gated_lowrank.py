@@ -41,6 +41,14 @@ def _triton():
     return triton
 
 
+@functools.cache
+def _runs_on(index: int | None, dtype: torch.dtype) -> bool:
+    """Whether Triton's dot runs in `dtype` on that GPU: float16/float32 from Turing (7.5), bfloat16 from Ampere
+    (8.0); older cards keep the torch form."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return (major, minor) >= ((8, 0) if dtype == torch.bfloat16 else (7, 5))
+
+
 def _one_by_one(down: Tensor, stride, padding, dilation) -> bool:
     as_pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
     return (tuple(down.shape[2:]) == (1, 1) and as_pair(stride) == (1, 1) and as_pair(padding) == (0, 0)
@@ -64,9 +72,10 @@ def add(output: Tensor, x: Tensor, down: Tensor, up: Tensor, strengths: Tensor, 
     """`output` += the gated membranes applied to `x`, in place, in one launch, and return `output`; or None where
     the kernel cannot take the layer, and the caller runs the torch form.
 
-    It takes: CUDA with Triton (or the CPU under Triton's interpreter); no gradient wanted; a Linear or a 1×1 Conv2d; one floating dtype for x, output and
-    the contiguous factors; float32 strengths on the GPU, [B, M] or [1, M] (every sample alike). owner [R] (int)
-    and scale [R] map each rank to its membrane. The host's time per call is what this saves: every check is a
+    It takes: CUDA with Triton on a Turing or newer GPU (or the CPU under Triton's interpreter); no gradient
+    wanted; a Linear or a 1×1 Conv2d; one floating dtype for x, output and the contiguous factors; float32
+    strengths on the GPU, [B, M] or [1, M] (every sample alike). owner [R] (int) and scale [R] map each rank to its
+    membrane. The host's time per call is what this saves: every check is a
     plain attribute read, and nothing dispatches to torch.
     """
     if not (x.is_cuda or _ON_CPU) or _triton() is None:
@@ -76,6 +85,8 @@ def add(output: Tensor, x: Tensor, down: Tensor, up: Tensor, strengths: Tensor, 
     if torch.is_grad_enabled() and (output.requires_grad or x.requires_grad or down.requires_grad or up.requires_grad):
         return None
     if not (x.dtype in _DTYPES and output.dtype == down.dtype == up.dtype == x.dtype):
+        return None
+    if x.is_cuda and not _runs_on(x.device.index, x.dtype):
         return None
     if not (down.is_contiguous() and up.is_contiguous() and x.dim() == output.dim()):
         return None
