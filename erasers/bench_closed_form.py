@@ -11,31 +11,22 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import closed_form, closed_form_reference as ref
+from .bench_timing import seconds
 from .erasure import Erasure
 from .tiny_models import CLIP_L_TEXT_CONFIG, sd15_cross_attention_weights, sdxl_cross_attention_weights
 
 
 def _time(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> float:
-    """Median wall time of `fn`; on CUDA the queue is drained before and after each call, so kernels count."""
-    def once() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
+    """Median of `repeats` timed calls of `fn`, after `warmup` untimed ones."""
     for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(repeats))
+        seconds(fn, device)
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
 def _reference_time(run: Callable[[dict[str, torch.Tensor]], object], weights: dict[str, torch.Tensor],
@@ -84,10 +75,10 @@ def _text_encoding_time(models: list[torch.nn.Module], concepts: int, device: to
 def _warm_up(width: int, device: torch.device) -> None:
     """First calls pay for thread pools, kernel loading and allocator growth; pay them before anything is timed."""
     a = torch.randn(width, width, device=device)
-    eye = torch.eye(width, device=device)
-    torch.inverse(a @ a.T + eye)
-    torch.linalg.solve(a @ a.T + eye, a)
-    torch.linalg.solve((a @ a.T + eye)[:16, :16].double(), a[:16].double())
+    m = a @ a.T + torch.eye(width, device=device)
+    torch.inverse(m)
+    torch.linalg.solve(m, a)
+    torch.linalg.solve(m[:16, :16].double(), a[:16].double())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -12,13 +12,13 @@ spread over the sampler's steps.
 from __future__ import annotations
 
 import statistics
-import time
 from types import SimpleNamespace
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from .bench_timing import seconds
 from .spm import stack_membranes
 from .spm_diffusers import attach_membranes, detach_membranes, membrane_gates, membrane_targets
 from .text import TransformersEncoder
@@ -74,17 +74,6 @@ def _build_unet(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
     return torch.nn.Module.to(unet, device, dtype).eval().requires_grad_(False)
 
 
-def _time(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call; on CUDA the queue is drained before and after, so the kernels are counted."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 class _Bench:
     """The UNet, text side and membranes shared by every row."""
 
@@ -113,8 +102,8 @@ class _Bench:
                 for path, stack in stacks.items():
                     self.targets[path].weight.copy_(self.originals[path] + stack.dense(m))
 
-            rebuilds.append(_time(rebuild, self.device) if stacks else 0.0)
-            calls.append(_time(lambda: self.step(x[2 * j: 2 * j + 2], context[2 * j: 2 * j + 2]), self.device))
+            rebuilds.append(seconds(rebuild, self.device) if stacks else 0.0)
+            calls.append(seconds(lambda: self.step(x[2 * j: 2 * j + 2], context[2 * j: 2 * j + 2]), self.device))
         for path in stacks:
             self.targets[path].weight.copy_(self.originals[path])
         return statistics.mean(rebuilds), statistics.mean(calls)
@@ -132,7 +121,7 @@ class _Bench:
         for round_ in range(repeats + 1):  # round 0 warms everything up and is not counted
             plain_first = round_ % 2 == 1  # alternate, so that neither side always runs on a cache the other left
             if plain_first:
-                plain = _time(lambda: self.step(x, context), self.device)
+                plain = seconds(lambda: self.step(x, context), self.device)
             if count:
                 attach_membranes(self.pipe, membranes)
                 # Encoded again after attaching, through the hooked text encoder, so FT knows the tokens.
@@ -142,10 +131,10 @@ class _Bench:
             gates = membrane_gates(self.pipe, context) if count else torch.zeros(batch, 0)
             if count:
                 self.step(x, context)
-            ours = _time(lambda: self.step(x, context), self.device)
+            ours = seconds(lambda: self.step(x, context), self.device)
             detach_membranes(self.pipe)
             if not plain_first:
-                plain = _time(lambda: self.step(x, context), self.device)
+                plain = seconds(lambda: self.step(x, context), self.device)
             rebuild, reference = self.reference(x, context, gates, stacks)
             if round_:
                 for key, value in zip(times, (plain, ours, rebuild, reference)):

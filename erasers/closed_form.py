@@ -98,8 +98,8 @@ class KVEdit:
     `layers()` decides per layer whether factors or a dense matrix are smaller. Products with the weights run in
     float32; from the second edit on the factors are kept in float64 (they are thin): RECE's ridge systems are
     ill-conditioned (λ ≪ ‖c‖²), and rounding the factors would show in the edit. A first edit's up factors are
-    float32 products and stay float32 until then: a float64 copy would be exact, and one more pass per layer is what
-    would keep UCE on a GPU from running at the speed of reading the weights.
+    float32 products and stay float32 until then: a float64 copy would be exact but cost two more passes over
+    every layer's factor (two more kernel launches each on a GPU, where UCE is mostly launches).
     """
 
     def __init__(self, base: Mapping[str, torch.Tensor]):
@@ -172,7 +172,7 @@ class KVEdit:
         g = self.gram()
         s = self.down.double()
         p = sum((self.base[n].T @ self.ups[n].float()).double() for n in self.base)
-        q = sum(self.ups[n].double().T @ self.ups[n].double() for n in self.base)
+        q = sum(up.T @ up for up in (self.ups[n].double() for n in self.base))
         e = p @ s + s.T @ q @ s
         edited_base = g + s.T @ p.T  # Σ W′ᵀW
         edited_edited = edited_base + e  # Σ W′ᵀW′

@@ -4,8 +4,9 @@ For sample b of a batch, a layer's output gains
 
     out[b] += U · diag(g[b]) · D · x[b],    g[b, r] = strengths[b, owner[r]] · scale[r]
 
-(U out×R, D R×in or R×in×1×1; the rows of a Linear input, or the pixels of a 1×1 Conv2d). `MembraneStack.add_to` computes
-this with torch operations everywhere; that is the reference, and this kernel does the same in one launch.
+(U out×R, D R×in or R×in×1×1; the rows of a Linear input, or the pixels of a 1×1 Conv2d).
+`MembraneStack.add_to` computes this with torch operations everywhere; that is the reference, and this kernel does
+the same in one launch.
 
 Why a kernel: the torch form is six kernel launches and a few more dispatches per layer, and SPM puts a membrane
 on every one of SD1.5's 192 transformer layers. On an H200, where an eager SD1.5 UNet step is bound by the host
@@ -75,8 +76,8 @@ def add(output: Tensor, x: Tensor, down: Tensor, up: Tensor, strengths: Tensor, 
     It takes: CUDA with Triton on a Turing or newer GPU (or the CPU under Triton's interpreter); no gradient
     wanted; a Linear or a 1×1 Conv2d; one floating dtype for x, output and the contiguous factors; float32
     strengths on the GPU, [B, M] or [1, M] (every sample alike). owner [R] (int) and scale [R] map each rank to its
-    membrane. The host's time per call is what this saves: every check is a
-    plain attribute read, and nothing dispatches to torch.
+    membrane. The host's time per call is what this saves: every check is a plain attribute read, and nothing
+    dispatches to torch.
     """
     if not (x.is_cuda or _ON_CPU) or _triton() is None:
         return None
