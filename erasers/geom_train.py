@@ -62,6 +62,9 @@ class GeomTrainConfig:
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown Geom-Erasing setting {self.setting!r}; known: {', '.join(SETTINGS)}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (1 is the plain loss, > 1 down-weights the concept's pixels), got "
+                             f"{self.alpha}: pass --alpha 2, say")
 
 
 # The shapes world's data-removal run: its min-SNR-5 objective (erasers/shapes/train.py) at half its batch, and
@@ -324,18 +327,19 @@ def run_cli(args) -> int:
     from .shapes.model import ShapesPipeline
 
     started, cpu = time.perf_counter(), time.process_time()
-    pipe = ShapesPipeline.load(args.model) if args.model else ShapesPipeline.load()
     setting = args.setting
+    defaults = SHAPES_DATA_SETTING if setting == "data" else {}
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "unet_lr", "warmup", "caption_dropout",
+                                           "min_snr_gamma", "alpha")}
+    # Built (and so checked) before the model and the images are loaded: a bad option is refused at once.
+    config = GeomTrainConfig(setting=setting, grid=args.grid, seed=args.seed,
+                             **{**defaults, **{k: v for k, v in given.items() if v is not None}})
+    pipe = ShapesPipeline.load(args.model) if args.model else ShapesPipeline.load()
     # In the data setting every caption is trained on and its words are dropped per step, so the shapes world's
     # captions come whole; the model setting keeps its earlier data.
     images, captions, boxes = (read_folder(args.data) if args.data else
                                shapes_data(args.images or SHAPES_IMAGES[setting], args.seed,
                                            dropout=0.0 if setting == "data" else None))
-    defaults = SHAPES_DATA_SETTING if setting == "data" else {}
-    given = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "unet_lr", "warmup", "caption_dropout",
-                                           "min_snr_gamma", "alpha")}
-    config = GeomTrainConfig(setting=setting, grid=args.grid, seed=args.seed,
-                             **{**defaults, **{k: v for k, v in given.items() if v is not None}})
     every = max(1, config.steps // 20)
 
     def progress(step: int, loss: float) -> None:

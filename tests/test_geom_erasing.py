@@ -202,6 +202,8 @@ def test_cli_trains_from_a_captioned_folder_and_reports_bad_boxes(tmp_path, caps
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["train-geom", "--data", str(tmp_path), "--out", str(out), "--steps", "2"]) == 2
     assert "not inside the 32x32 image" in capsys.readouterr().err
+    assert main(["train-geom", "--data", str(tmp_path), "--out", str(out), "--alpha", "0"]) == 2
+    assert "alpha must be > 0" in capsys.readouterr().err
 
 
 # Data-removal setting ----------------------------------------------------------------------------------------------
@@ -290,6 +292,9 @@ def test_data_setting_is_deterministic_and_checks_its_setting():
         gt.train_data_removal(pipe, images, captions, boxes, "stamp", gt.GeomTrainConfig())
     with pytest.raises(ValueError, match="unknown Geom-Erasing setting"):
         gt.GeomTrainConfig(setting="both")
+    for alpha in (0.0, -2.0):
+        with pytest.raises(ValueError, match="alpha must be > 0"):
+            gt.GeomTrainConfig(alpha=alpha)
 
 
 def test_cli_data_setting_writes_a_unet_folder_and_tokens(tmp_path):
