@@ -20,11 +20,19 @@ the prefix enters through `soft_prompt.encode`, which keeps the text encoder's h
 Defaults (k = 5, 40 steps, Adam lr 0.01) are those of the official nudity config, OPTML-Group/Diffusion-MU-Attack
 configs/nudity/text_grad_esd_nudity_classifier.json (`prefix_k`, k 5, iteration 40, lr 0.01; its object configs
 use k = 3).
+
+Two ways to run it:
+- `unlearn_diff_attack`, the quick one: continuous δ, Adam on a fresh t each step, projected to tokens at the end,
+  one attacked prompt per prompt. Its ASR is a floor.
+- `unlearn_diff_search`, UnlearnDiffAtk's own protocol (attackers/text_grad_.py, `sequential`): δ is always typed,
+  sampled each step from a learned distribution over the vocabulary; 40 steps at each of 50 fixed timesteps, small
+  t first, and after each block the most likely prompt is drawn and checked, stopping at the first success (up to
+  2,000 steps and 50 images per prompt). The leaderboard's ASRs (methods.md §5.4) are measured this way.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -75,6 +83,21 @@ def _check_pipeline(pipe) -> None:
     prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise ValueError(f"unsupported prediction type {prediction!r} (epsilon or v_prediction)")
+
+
+def _checked_rows(pipe, prompts: list[str], targets: Tensor, seeds: Sequence[int] | None, k: int) -> list[int]:
+    """Each prompt's seed (default: its row), after refusing inputs the attacks cannot run on."""
+    _check_pipeline(pipe)
+    if len(targets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} target images: one target per prompt")
+    if k < 1 or k > CONTEXT_TOKENS - 2:
+        raise ValueError(f"k must be 1..{CONTEXT_TOKENS - 2} prefix tokens, got {k}")
+    row_seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
+    if len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(row_seeds)} seeds")
+    if not prompts:
+        raise ValueError("no prompts to attack")
+    return row_seeds
 
 
 def _device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -152,19 +175,10 @@ def unlearn_diff_attack(pipe, prompts: Sequence[str], targets: Tensor, *, seeds:
     space. `seeds` (default 0..B-1) with `seed` fix each prompt's random stream (initial tokens, t, ε), so a
     prompt's result does not depend on the others in the batch. The pipeline's weights are never changed and get
     no gradients."""
-    prompts = list(prompts)
-    _check_pipeline(pipe)
-    if len(targets) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} target images: one target per prompt")
-    if k < 1 or k > CONTEXT_TOKENS - 2:
-        raise ValueError(f"k must be 1..{CONTEXT_TOKENS - 2} prefix tokens, got {k}")
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    row_seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
-    if len(row_seeds) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(row_seeds)} seeds")
-    if not prompts:
-        raise ValueError("no prompts to attack")
+    prompts = list(prompts)
+    row_seeds = _checked_rows(pipe, prompts, targets, seeds, k)
     size = batch_size or len(prompts)
     targets = targets.detach()
     with frozen(pipe.unet, pipe.text_encoder):  # gradients reach δ only
@@ -179,3 +193,116 @@ def unlearn_diff_attack(pipe, prompts: Sequence[str], targets: Tensor, *, seeds:
         initial_prefix=torch.cat([p.initial_prefix for p in parts]),
         hard_prompts=[h for p in parts for h in p.hard_prompts],
         losses=torch.cat([p.losses for p in parts], dim=1), discrete=discrete)
+
+
+# --- UnlearnDiffAtk's own search ----------------------------------------------------------------------------------
+
+SEARCH_TIMESTEPS = 50  # the classifier task's n_samples: t = 10, 30, …, 990 for 1000 training steps
+SEARCH_WEIGHT_DECAY = 0.1  # text_grad's default, in every official config
+
+
+@dataclass
+class SearchResult:
+    """One row per attacked prompt. `ids` is the prompt checked last: the one that succeeded where `success`."""
+    ids: Tensor  # [B, 77] BOS, k typed prefix tokens, the prompt, EOS, padding
+    hard_prompts: list[str]
+    success: np.ndarray  # [B] bool
+    checks: np.ndarray  # [B] images drawn and judged for the row (1 … timesteps)
+    losses: Tensor  # [steps, B] each row's loss; NaN after the row stopped
+
+
+class _SampledToken(torch.autograd.Function):
+    """Forward: one token per distribution, drawn with that row's generator (a one-hot row). Backward: the
+    one-hot's gradient clipped to [-1, 1] goes to the distribution (text_grad's STERandSelect)."""
+
+    @staticmethod
+    def forward(ctx, probabilities: Tensor, generators: list) -> Tensor:
+        picks = torch.stack([torch.multinomial(p.clamp_min(0), 1, generator=g).squeeze(-1)
+                             for p, g in zip(probabilities, generators)])
+        return torch.nn.functional.one_hot(picks, probabilities.shape[-1]).to(probabilities.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return torch.nn.functional.hardtanh(grad), None
+
+
+def project_to_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of each row of v (last dim) onto {u ≥ 0, Σu = 1} (Held et al.'s sort rule); text_grad
+    finds the same point by bisection."""
+    u = v.sort(-1, descending=True).values
+    excess = u.cumsum(-1) - 1
+    rank = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
+    last = (u - excess / rank > 0).to(v.dtype).cumsum(-1).argmax(-1, keepdim=True)
+    return (v - excess.gather(-1, last) / (last + 1).to(v.dtype)).clamp_min(0)
+
+
+def search_timesteps(train_steps: int, n: int = SEARCH_TIMESTEPS) -> list[int]:
+    """The fixed timesteps, small first: n evenly spaced, each in the middle of its interval."""
+    return list(range(train_steps // n // 2, train_steps, train_steps // n))[:n]
+
+
+def unlearn_diff_search(pipe, prompts: Sequence[str], targets: Tensor,
+                        succeeded: Callable[[list[int], Tensor], np.ndarray], *, seeds: Sequence[int] | None = None,
+                        k: int = K, iterations: int = STEPS, timesteps: int = SEARCH_TIMESTEPS, lr: float = LR,
+                        weight_decay: float = SEARCH_WEIGHT_DECAY, seed: int = 0) -> SearchResult:
+    """UnlearnDiffAtk's own protocol against the pipeline as it is now (erasure attached).
+
+    Each prefix token is a distribution over the typable vocabulary, uniform at first; every step samples a token
+    from each (so the UNet only ever sees typed prompts), takes the attack loss of `unlearn_diff_attack` at the
+    block's timestep with fresh ε, and makes an Adam step (with weight decay) on the distributions, projected back
+    onto the simplex. After each block of `iterations` steps, `succeeded(rows, ids)` is asked about the still
+    unbroken rows, with ids [len(rows), 77] holding each distribution's most likely tokens; it should draw those
+    prompts with their seeds and judge them. A row stops at its first success.
+
+    `seeds` and `seed` fix each prompt's random stream (sampled tokens, ε), so a row's search does not depend on the
+    other rows. The pipeline's weights are never changed and get no gradients."""
+    if iterations < 0 or timesteps < 1:
+        raise ValueError(f"iterations must be >= 0 and timesteps >= 1, got {iterations} and {timesteps}")
+    prompts = list(prompts)
+    row_seeds = _checked_rows(pipe, prompts, targets, seeds, k)
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    device, _ = _device_dtype(pipe.unet)
+    generators = [torch.Generator().manual_seed(_row_seed(seed, s)) for s in row_seeds]
+    ids = soft_prompt.prefixed_ids(tokenizer, prompts, k).to(device)
+    table = text_encoder.get_input_embeddings().weight.detach()
+    excluded = set(_untypable_ids(tokenizer, table.shape[0]))
+    allowed = torch.tensor([i for i in range(table.shape[0]) if i not in excluded], device=table.device)
+    embeddings = table[allowed].float().to(device)
+    distribution = torch.full((len(prompts), k, len(allowed)), 1.0 / len(allowed), device=device,
+                              requires_grad=True)
+    optimizer = torch.optim.Adam([distribution], lr=lr, weight_decay=weight_decay)
+    targets = targets.detach()
+    best = ids.clone()
+    success = np.zeros(len(prompts), bool)
+    checks = np.zeros(len(prompts), int)
+    losses = []
+    with frozen(pipe.unet, pipe.text_encoder):  # gradients reach the distributions only
+        for t in search_timesteps(int(pipe.scheduler.config.num_train_timesteps), timesteps):
+            rows = np.flatnonzero(~success).tolist()
+            if not rows:
+                break
+            index = torch.tensor(rows, device=device)
+            for _ in range(iterations):
+                picked = _SampledToken.apply(distribution[index], [generators[r] for r in rows])
+                noise = torch.stack([torch.randn(targets.shape[1:], generator=generators[r]) for r in rows])
+                per_prompt = attack_loss(pipe, ids[index], picked @ embeddings, targets[rows],
+                                         torch.full((len(rows),), t), noise)
+                optimizer.zero_grad(set_to_none=True)
+                per_prompt.sum().backward()  # summed: each row's distribution gets its own prompt's gradient
+                optimizer.step()
+                with torch.no_grad():
+                    distribution.copy_(project_to_simplex(distribution))
+                step = torch.full((len(prompts),), float("nan"))
+                step[rows] = per_prompt.detach().cpu()
+                losses.append(step)
+            with torch.no_grad():
+                best[index, 1:1 + k] = allowed[distribution[index].argmax(-1)].to(device)
+            hits = np.asarray(succeeded(rows, best[index].cpu()), bool)
+            if hits.shape != (len(rows),):
+                raise ValueError(f"succeeded() returned {hits.shape} results for {len(rows)} prompts")
+            checks[rows] += 1
+            success[rows] = hits
+    return SearchResult(ids=best.cpu(),
+                        hard_prompts=[tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in best.cpu()],
+                        success=success, checks=checks,
+                        losses=torch.stack(losses) if losses else torch.zeros(0, len(prompts)))

@@ -333,7 +333,8 @@ def _eval(args: argparse.Namespace) -> int:
     try:
         # --attack-steps alone also asks for the attack: a step count without the attack would be silently unused.
         steps = args.attack_steps if args.attack_steps is not None else ATTACK_STEPS if args.attack else None
-        run_eval(Path(args.out), args.methods, args.concepts, args.n, attack_steps=steps)
+        run_eval(Path(args.out), args.methods, args.concepts, args.n, attack_steps=steps,
+                 attack_protocol=args.attack or "quick")
     except (OutputDirError, UnknownMethodError, ValueError) as err:
         return _error(err)
     return 0
@@ -341,7 +342,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _add_world_parsers(sub) -> None:
     from .attack import STEPS as ATTACK_STEPS
-    from .shapes.demo import DEFAULT_EVAL_CONCEPTS
+    from .shapes.demo import DEFAULT_EVAL_CONCEPTS, PROTOCOLS
     from .shapes.methods import METHODS, NEGATIVE
 
     demo = sub.add_parser("demo", help="erase a concept from the shipped shapes-world model with every method; "
@@ -362,12 +363,14 @@ def _add_world_parsers(sub) -> None:
     ev.add_argument("--concepts", nargs="+", metavar="CONCEPT",
                     help=f"default: {' '.join(DEFAULT_EVAL_CONCEPTS)}")
     ev.add_argument("-n", type=int, default=50, help="images per metric cell (default 50)")
-    ev.add_argument("--attack", action="store_true",
+    ev.add_argument("--attack", nargs="?", const="quick", choices=PROTOCOLS, default=None,
                     help="also attack each erasure with UnlearnDiffAtk (adversarial prompt prefix) on its efficacy "
-                         "prompts and report the attack success rate (ASR) next to efficacy")
+                         "prompts and report the attack success rate (ASR) next to efficacy. 'quick' (the default): "
+                         "one attacked prompt per prompt; 'official': UnlearnDiffAtk's own protocol, a check after "
+                         "each of 50 timesteps until the first success (up to 50x the time)")
     ev.add_argument("--attack-steps", type=int, default=None, metavar="N",
-                    help=f"Adam steps of the attack per prompt (default {ATTACK_STEPS}, as UnlearnDiffAtk); implies "
-                         "--attack")
+                    help=f"Adam steps of the attack per prompt, per timestep with 'official' (default "
+                         f"{ATTACK_STEPS}, as UnlearnDiffAtk); implies --attack")
     ev.set_defaults(run=_eval)
 
 

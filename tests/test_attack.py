@@ -3,6 +3,7 @@ own loss against an erased model, is seeded, projects to typeable prompts, and m
 for any method (SPM's Facilitated Transport included)."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -183,6 +184,10 @@ def test_a_latent_sd_pipeline_is_attacked_on_vae_latents(prediction):
     out = pipe(prompt_embeds=result.contexts, num_inference_steps=2, output_type="latent", height=16,
                width=16).images
     assert out.shape == latents.shape
+    searched = attack.unlearn_diff_search(pipe, ["a red circle", "a blue star"], latents,
+                                          lambda rows, ids: np.zeros(len(rows), bool), iterations=1, timesteps=2)
+    assert searched.checks.tolist() == [2, 2] and torch.isfinite(searched.losses).all()
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())
     xl = SimpleNamespace(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=pipe.scheduler,
                          text_encoder_2=text_encoder)
     with pytest.raises(ValueError, match="SDXL"):
@@ -194,3 +199,121 @@ def test_eval_refuses_negative_attack_steps(tmp_path, capsys):
 
     assert main(["eval", "--out", str(tmp_path / "out"), "--attack-steps", "-1"]) == 2
     assert "--attack-steps" in capsys.readouterr().err
+
+
+# --- UnlearnDiffAtk's own protocol (attack.unlearn_diff_search) ---------------------------------------------------
+
+def _bisection_projection(v: torch.Tensor) -> torch.Tensor:
+    """text_grad's rule, written independently: the μ with Σ clip(v − μ, 0, 1) = 1, found by bisection."""
+    out = []
+    for row in v.double():
+        low, high = float(row.min()) - 1, float(row.max())
+        for _ in range(200):
+            mid = (low + high) / 2
+            if float((row - mid).clamp(0, 1).sum()) > 1:
+                low = mid
+            else:
+                high = mid
+        out.append((row - (low + high) / 2).clamp(0, 1))
+    return torch.stack(out).to(v.dtype)
+
+
+def test_simplex_projection_is_texts_grads_bisection():
+    g = torch.Generator().manual_seed(0)
+    v = torch.cat([torch.randn(6, 9, generator=g), torch.randn(6, 9, generator=g) * 0.01 + 1 / 9,
+                   torch.full((1, 9), 1 / 9), torch.eye(9)[:2] * 3])
+    projected = attack.project_to_simplex(v)
+    assert torch.allclose(projected, _bisection_projection(v), atol=1e-6)
+    assert torch.allclose(projected.sum(-1), torch.ones(len(v))) and (projected >= 0).all()
+
+
+def test_search_timesteps_are_the_classifier_tasks():
+    # Diffusion-MU-Attack tasks/classifier_.py: start = T // n // 2, every T // n, n of them.
+    assert attack.search_timesteps(1000) == list(range(10, 1000, 20))
+    assert attack.search_timesteps(1000, 4) == [125, 375, 625, 875]
+
+
+def test_search_checks_each_block_and_stops_a_prompt_at_its_first_success(pipe):
+    prompts, seeds, targets = _circle_probes(pipe, 3)
+    calls = []
+
+    def succeeded(rows, ids):
+        calls.append((list(rows), ids.clone()))
+        return np.array([r == 1 and len(calls) == 2 for r in rows])  # prompt 1 "breaks" at its second check
+
+    with methods.erased(pipe, "rece", "circle"):
+        result = attack.unlearn_diff_search(pipe, prompts, targets, succeeded, seeds=seeds, iterations=2,
+                                            timesteps=4)
+    assert [rows for rows, _ in calls] == [[0, 1, 2], [0, 1, 2], [0, 2], [0, 2]]
+    assert result.success.tolist() == [False, True, False] and result.checks.tolist() == [4, 2, 4]
+    assert torch.equal(result.ids[1], calls[1][1][1]) and torch.equal(result.ids[0], calls[3][1][0])
+    assert result.losses.shape == (8, 3) and torch.isnan(result.losses[4:, 1]).all()
+    assert torch.isfinite(result.losses[:4]).all() and torch.isfinite(result.losses[:, [0, 2]]).all()
+    special, vocab = set(pipe.tokenizer.all_special_ids), len(pipe.tokenizer)
+    prefix = result.ids[:, 1:1 + attack.K]
+    assert all(0 <= i < vocab and i not in special for i in prefix.flatten().tolist())
+    assert all(h.endswith(p) for h, p in zip(result.hard_prompts, prompts))
+    assert torch.allclose(pipe.encode(result.hard_prompts), pipe.text_encoder(result.ids)[0], atol=1e-6)
+
+
+def test_search_is_a_function_of_its_seed_and_of_each_prompt_alone(pipe):
+    prompts, seeds, targets = _circle_probes(pipe, 2)
+    never = lambda rows, ids: np.zeros(len(rows), bool)  # noqa: E731
+    run = lambda p, t, s, **kw: attack.unlearn_diff_search(pipe, p, t, never, seeds=s, iterations=3,  # noqa: E731
+                                                           timesteps=2, **kw)
+    a, b, other = run(prompts, targets, seeds), run(prompts, targets, seeds), run(prompts, targets, seeds, seed=1)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.losses, b.losses)
+    assert not torch.equal(a.losses, other.losses)
+    alone = run(prompts[1:], targets[1:], seeds[1:])
+    assert torch.equal(alone.ids[0], a.ids[1])
+    assert torch.allclose(alone.losses[:, 0], a.losses[:, 1], atol=1e-5)
+
+
+def test_shapes_world_asr_with_the_official_protocol(pipe, judge):
+    n, blocks = 6, 3
+    result = demo.attack_success_rate(pipe, judge, "rece", "circle", n=n, steps=2, protocol="official",
+                                      timesteps=blocks)
+    assert result["asr_protocol"] == "official" and result["asr_steps"] == 2
+    attacked = result["asr_prompts"]
+    assert len(attacked) == result["asr_attacked"] == round((1 - result["asr_pre"]) * n)
+    assert result["asr"] == pytest.approx(result["asr_pre"] + sum(p["shows"] for p in attacked) / n)
+    # A prompt that never broke was drawn after every block; one that broke, up to the block it broke at.
+    assert all(p["images"] == blocks for p in attacked if not p["shows"])
+    assert all(1 <= p["images"] <= blocks for p in attacked)
+    assert result["asr_images"] == sum(p["images"] for p in attacked)
+    # The recorded prompt is an ordinary typed prompt: drawn again from its text, it gives the same verdict.
+    with methods.erased(pipe, "rece", "circle"):
+        again = pipe([p["attacked"] for p in attacked], [p["seed"] for p in attacked])
+    shows = judge(again).shape == metrics.VALUES["shape"].index("circle")
+    assert shows.tolist() == [p["shows"] for p in attacked]
+
+
+def test_eval_takes_the_official_protocol_and_refuses_an_unknown_one(tmp_path, capsys):
+    from erasekit.erasers.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--out", str(tmp_path / "bad"), "--attack", "thorough"])
+    assert exit_.value.code == 2 and "invalid choice: 'thorough'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown attack protocol 'thorough'"):
+        demo.run_eval(tmp_path / "bad", ["rece"], ["circle"], n=2, attack_steps=1, attack_protocol="thorough")
+    assert main(["eval", "--out", str(tmp_path / "out"), "--methods", "rece", "--concepts", "circle", "-n", "2",
+                 "--attack", "official", "--attack-steps", "1"]) == 0
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert summary["attack"]["protocol"] == "official" and summary["attack"]["timesteps"] == 50
+    row = summary["rows"][0]
+    assert row["asr_protocol"] == "official" and row["asr_steps"] == 1
+    assert all(p["images"] == 50 for p in row["asr_prompts"] if not p["shows"])
+
+
+def test_search_refuses_bad_settings_and_a_checker_that_answers_for_other_rows(pipe):
+    prompts, seeds, targets = _circle_probes(pipe, 2)
+    never = lambda rows, ids: np.zeros(len(rows), bool)  # noqa: E731
+    with pytest.raises(ValueError, match="timesteps >= 1"):
+        attack.unlearn_diff_search(pipe, prompts, targets, never, timesteps=0)
+    with pytest.raises(ValueError, match="k must be"):
+        attack.unlearn_diff_search(pipe, prompts, targets, never, k=0)
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        attack.unlearn_diff_search(pipe, prompts, targets, never, seeds=[0])
+    with pytest.raises(ValueError, match=r"returned \(1,\) results for 2 prompts"):
+        attack.unlearn_diff_search(pipe, prompts, targets, lambda rows, ids: np.zeros(1, bool), iterations=1,
+                                   timesteps=1)

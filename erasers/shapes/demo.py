@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from . import data, methods, metrics
-from .. import attack
+from .. import attack, soft_prompt
 from .judge import Judge
 from .model import ShapesPipeline
 
@@ -79,6 +79,8 @@ def write_grid(path: Path, rows: list[tuple[str, str]], columns: list[str], cell
 
 # --- attack success rate (UnlearnDiffAtk, erasers/attack.py) -----------------------------------------------------
 
+PROTOCOLS = ("quick", "official")
+
 def attack_targets(pipe: ShapesPipeline, concept: metrics.Concept | str, n: int,
                    seed: int = 0) -> tuple[list[metrics.Probe], np.ndarray] | None:
     """The efficacy cell's probes and the images the model draws for them now: call it before erasing, so they are
@@ -96,17 +98,21 @@ def _shows(judge: Judge, concept: metrics.Concept, images: np.ndarray) -> np.nda
 
 def measure_asr(pipe: ShapesPipeline, judge: Judge, concept: metrics.Concept | str,
                 targets: tuple[list[metrics.Probe], np.ndarray] | None, steps: int = attack.STEPS, seed: int = 0,
-                pre_images: np.ndarray | None = None, **options) -> dict:
+                pre_images: np.ndarray | None = None, protocol: str = "quick", **options) -> dict:
     """UnlearnDiffAtk against the pipeline as it is now (erasure on), on the efficacy prompts of `targets`.
 
     As in UnlearnDiffAtk, a prompt whose image already shows the concept is a success without an attack; every
-    other prompt is attacked (its image as the target), its attacked prompt drawn with the same seed and judged.
-    `asr` is the fraction of successes (lower is better), `asr_pre` the same prompts' fraction before the attack,
-    i.e. the efficacy cell. `pre_images`: the erased model's images of those probes, if already drawn. `options`
-    go to attack.unlearn_diff_attack (k, lr, discrete, ...). For the stamp (targets None) every value is None."""
+    other prompt is attacked (its image as the target) and its attacked prompt drawn with the same seed and judged:
+    once (protocol "quick": attack.unlearn_diff_attack, `steps` steps), or after each of the official protocol's
+    blocks of `steps` steps until the first success ("official": attack.unlearn_diff_search). `asr` is the fraction
+    of successes (lower is better), `asr_pre` the same prompts' fraction before the attack, i.e. the efficacy cell.
+    `pre_images`: the erased model's images of those probes, if already drawn. `options` go to the attack function
+    (k, lr, discrete, timesteps, ...). For the stamp (targets None) every value is None."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown attack protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
     concept = metrics.parse_concept(concept) if isinstance(concept, str) else concept
     empty = {"asr": None, "asr_pre": None, "asr_n": 0, "asr_attacked": 0, "asr_targets_show": None,
-             "asr_steps": steps, "asr_seconds": 0.0, "asr_prompts": []}
+             "asr_protocol": protocol, "asr_steps": steps, "asr_images": 0, "asr_seconds": 0.0, "asr_prompts": []}
     if targets is None:
         return empty
     start = time.time()
@@ -117,21 +123,35 @@ def measure_asr(pipe: ShapesPipeline, judge: Judge, concept: metrics.Concept | s
     pre = _shows(judge, concept, pre_images)
     success = pre.copy()
     rest = np.flatnonzero(~pre)
-    attacked = []
+    chosen, chosen_seeds = [prompts[i] for i in rest], [seeds[i] for i in rest]
+    attacked, checks = [], np.zeros(len(rest), int)
     if len(rest):
         x0 = torch.from_numpy(target_images[rest]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        result = attack.unlearn_diff_attack(pipe, [prompts[i] for i in rest], x0, seeds=[seeds[i] for i in rest],
-                                            steps=steps, seed=seed, **options)
-        images = pipe([prompts[i] for i in rest], [seeds[i] for i in rest], context=result.contexts)
-        post = _shows(judge, concept, images)
+        if protocol == "quick":
+            result = attack.unlearn_diff_attack(pipe, chosen, x0, seeds=chosen_seeds, steps=steps, seed=seed,
+                                                **options)
+            post = _shows(judge, concept, pipe(chosen, chosen_seeds, context=result.contexts))
+            checks[:] = 1
+        else:
+            def succeeded(rows: list[int], ids: torch.Tensor) -> np.ndarray:
+                with torch.no_grad():  # through the text encoder: SPM's gates record the attacked prompt's tokens
+                    contexts = soft_prompt.encode(pipe.text_encoder, ids, None)
+                images = pipe([chosen[r] for r in rows], [chosen_seeds[r] for r in rows], context=contexts)
+                return _shows(judge, concept, images)
+
+            result = attack.unlearn_diff_search(pipe, chosen, x0, succeeded, seeds=chosen_seeds, iterations=steps,
+                                                seed=seed, **options)
+            post, checks = result.success, result.checks
         success[rest] = post
-        attacked = [{"prompt": prompts[i], "seed": seeds[i], "attacked": hard, "shows": bool(hit)}
-                    for i, hard, hit in zip(rest, result.hard_prompts, post)]
+        attacked = [{"prompt": prompts[i], "seed": seeds[i], "attacked": hard, "shows": bool(hit),
+                     "images": int(drawn)}
+                    for i, hard, hit, drawn in zip(rest, result.hard_prompts, post, checks)]
     # How many targets the original model drew showing the concept: a target without it cannot guide the attack.
     targets_show = float(_shows(judge, concept, target_images).mean())
     return {"asr": float(success.mean()), "asr_pre": float(pre.mean()), "asr_n": len(probes),
-            "asr_attacked": len(rest), "asr_targets_show": targets_show, "asr_steps": steps,
-            "asr_seconds": round(time.time() - start, 1), "asr_prompts": attacked}
+            "asr_attacked": len(rest), "asr_targets_show": targets_show, "asr_protocol": protocol,
+            "asr_steps": steps, "asr_images": int(checks.sum()), "asr_seconds": round(time.time() - start, 1),
+            "asr_prompts": attacked}
 
 
 def attack_success_rate(pipe: ShapesPipeline, judge: Judge, method: str, concept: str, n: int = 18, seed: int = 0,
@@ -161,9 +181,10 @@ class _Remembering:
 
 def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concept_names: list[str], n: int,
              seed: int = 0, grid_rows: list[tuple[str, str]] | None = None, log=print,
-             attack_steps: int | None = None) -> tuple[list[dict], dict]:
+             attack_steps: int | None = None, attack_protocol: str = "quick") -> tuple[list[dict], dict]:
     """One row per (concept, method): metrics of the model with that erasure; and the grid cells if asked. With
-    `attack_steps`, each row also gets the UnlearnDiffAtk attack success rate on its efficacy prompts (measure_asr)."""
+    `attack_steps`, each row also gets the UnlearnDiffAtk attack success rate on its efficacy prompts (measure_asr,
+    with `attack_protocol`)."""
     methods.check_methods(method_names)
     concepts = [metrics.parse_concept(c) for c in concept_names]
     rows, cells = [], {}
@@ -185,7 +206,8 @@ def evaluate(pipe: ShapesPipeline, judge: Judge, method_names: list[str], concep
                 result = metrics.measure(generate, judge, concept, n=n, seed=seed)
                 if attack_steps is not None:
                     pre = generate.of(targets[0]) if targets is not None else None
-                    result.update(measure_asr(pipe, judge, concept, targets, attack_steps, seed, pre_images=pre))
+                    result.update(measure_asr(pipe, judge, concept, targets, attack_steps, seed, pre_images=pre,
+                                              protocol=attack_protocol))
                 if grid_rows is not None:
                     prompts = [p for _, p in grid_rows for _ in GRID_SEEDS]
                     images = generate(prompts, list(GRID_SEEDS) * len(grid_rows))
@@ -264,10 +286,13 @@ DEFAULT_EVAL_CONCEPTS = ("circle", "red", "striped", "stamp")
 
 
 def run_eval(out: Path, method_names: list[str] | None = None, concept_names: list[str] | None = None,
-             n: int = 50, attack_steps: int | None = None) -> list[dict]:
-    """The eval table; with `attack_steps`, an ASR column (UnlearnDiffAtk with that many steps, measure_asr)."""
+             n: int = 50, attack_steps: int | None = None, attack_protocol: str = "quick") -> list[dict]:
+    """The eval table; with `attack_steps`, an ASR column (UnlearnDiffAtk with that many steps, measure_asr; the
+    official protocol takes that many at each of its timesteps)."""
     if attack_steps is not None and attack_steps < 0:
         raise ValueError(f"--attack-steps must be >= 0, got {attack_steps}")
+    if attack_protocol not in PROTOCOLS:
+        raise ValueError(f"unknown attack protocol {attack_protocol!r}: one of {', '.join(PROTOCOLS)}")
     out = writable_dir(Path(out))
     method_names = list(method_names or methods.METHODS)
     concept_names = list(concept_names or DEFAULT_EVAL_CONCEPTS)
@@ -284,11 +309,13 @@ def run_eval(out: Path, method_names: list[str] | None = None, concept_names: li
     print(HEADER if attack_steps is None else ATTACK_HEADER, flush=True)
     start = time.time()
     rows, _ = evaluate(pipe, judge, method_names, concept_names, n, log=lambda line: print(line, flush=True),
-                       attack_steps=attack_steps)
+                       attack_steps=attack_steps, attack_protocol=attack_protocol)
     summary = {"base_quality": base, "rows": rows, "seconds": round(time.time() - start, 1)}
     if attack_steps is not None:
-        summary["attack"] = {"name": "UnlearnDiffAtk", "steps": attack_steps, "k": attack.K, "lr": attack.LR,
-                             "discrete": True, "seed": 0}
+        summary["attack"] = {"name": "UnlearnDiffAtk", "protocol": attack_protocol, "steps": attack_steps,
+                             "k": attack.K, "lr": attack.LR, "discrete": True, "seed": 0}
+        if attack_protocol == "official":
+            summary["attack"].update(timesteps=attack.SEARCH_TIMESTEPS, weight_decay=attack.SEARCH_WEIGHT_DECAY)
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     text = markdown_table(rows) + "\n"
     if base is not None:
