@@ -213,13 +213,14 @@ class SearchResult:
 
 class _SampledToken(torch.autograd.Function):
     """Forward: one token per distribution, drawn with that row's generator (a one-hot row). Backward: the
-    one-hot's gradient clipped to [-1, 1] goes to the distribution (text_grad's STERandSelect)."""
+    one-hot's gradient clipped to [-1, 1] goes to the distribution (text_grad's STERandSelect). Drawn on the CPU,
+    where the rows' generators live, so a row draws the same tokens on every device."""
 
     @staticmethod
     def forward(ctx, probabilities: Tensor, generators: list) -> Tensor:
-        picks = torch.stack([torch.multinomial(p.clamp_min(0), 1, generator=g).squeeze(-1)
+        picks = torch.stack([torch.multinomial(p.detach().cpu().clamp_min(0), 1, generator=g).squeeze(-1)
                              for p, g in zip(probabilities, generators)])
-        return torch.nn.functional.one_hot(picks, probabilities.shape[-1]).to(probabilities.dtype)
+        return torch.nn.functional.one_hot(picks, probabilities.shape[-1]).to(probabilities)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
