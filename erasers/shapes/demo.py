@@ -81,6 +81,7 @@ def write_grid(path: Path, rows: list[tuple[str, str]], columns: list[str], cell
 
 PROTOCOLS = ("quick", "official")
 
+
 def attack_targets(pipe: ShapesPipeline, concept: metrics.Concept | str, n: int,
                    seed: int = 0) -> tuple[list[metrics.Probe], np.ndarray] | None:
     """The efficacy cell's probes and the images the model draws for them now: call it before erasing, so they are
