@@ -72,6 +72,12 @@ def _untypable_ids(tokenizer, rows: int) -> list[int]:
     return sorted(set(tokenizer.all_special_ids) | set(range(len(tokenizer), rows)))
 
 
+def _typable_ids(tokenizer, rows: int) -> Tensor:
+    """The embedding rows a typed prompt can reach, ascending: the ones an attack may choose its tokens from."""
+    excluded = set(_untypable_ids(tokenizer, rows))
+    return torch.tensor([i for i in range(rows) if i not in excluded])
+
+
 def _check_pipeline(pipe) -> None:
     missing = [name for name in ("unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, name, None) is None]
     if missing:
@@ -134,8 +140,7 @@ def _attack_rows(pipe, prompts: list[str], targets: Tensor, row_seeds: list[int]
     ids = soft_prompt.prefixed_ids(tokenizer, prompts, k).to(device)
     table = text_encoder.get_input_embeddings().weight.detach()
     untypable = _untypable_ids(tokenizer, table.shape[0])
-    excluded = set(untypable)
-    allowed = torch.tensor([i for i in range(table.shape[0]) if i not in excluded])
+    allowed = _typable_ids(tokenizer, table.shape[0])
     init_ids = torch.stack([allowed[torch.randint(len(allowed), (k,), generator=g)] for g in generators])
     initial = table[init_ids.to(table.device)].float().to(device)
     prefix = initial.clone().requires_grad_(True)
@@ -266,8 +271,7 @@ def unlearn_diff_search(pipe, prompts: Sequence[str], targets: Tensor,
     generators = [torch.Generator().manual_seed(_row_seed(seed, s)) for s in row_seeds]
     ids = soft_prompt.prefixed_ids(tokenizer, prompts, k).to(device)
     table = text_encoder.get_input_embeddings().weight.detach()
-    excluded = set(_untypable_ids(tokenizer, table.shape[0]))
-    allowed = torch.tensor([i for i in range(table.shape[0]) if i not in excluded], device=table.device)
+    allowed = _typable_ids(tokenizer, table.shape[0]).to(table.device)
     embeddings = table[allowed].float().to(device)
     distribution = torch.full((len(prompts), k, len(allowed)), 1.0 / len(allowed), device=device,
                               requires_grad=True)
@@ -291,8 +295,8 @@ def unlearn_diff_search(pipe, prompts: Sequence[str], targets: Tensor,
                 optimizer.zero_grad(set_to_none=True)
                 per_prompt.sum().backward()  # summed: each row's distribution gets its own prompt's gradient
                 optimizer.step()
-                with torch.no_grad():
-                    distribution.copy_(project_to_simplex(distribution))
+                with torch.no_grad():  # a stopped row's distribution is never read again
+                    distribution[index] = project_to_simplex(distribution[index])
                 step = torch.full((len(prompts),), float("nan"))
                 step[rows] = per_prompt.detach().cpu()
                 losses.append(step)
@@ -303,7 +307,8 @@ def unlearn_diff_search(pipe, prompts: Sequence[str], targets: Tensor,
                 raise ValueError(f"succeeded() returned {hits.shape} results for {len(rows)} prompts")
             checks[rows] += 1
             success[rows] = hits
-    return SearchResult(ids=best.cpu(),
-                        hard_prompts=[tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in best.cpu()],
+    best = best.cpu()
+    return SearchResult(ids=best,
+                        hard_prompts=[tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in best],
                         success=success, checks=checks,
                         losses=torch.stack(losses) if losses else torch.zeros(0, len(prompts)))

@@ -82,6 +82,11 @@ def write_grid(path: Path, rows: list[tuple[str, str]], columns: list[str], cell
 PROTOCOLS = ("quick", "official")
 
 
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown attack protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+
+
 def attack_targets(pipe: ShapesPipeline, concept: metrics.Concept | str, n: int,
                    seed: int = 0) -> tuple[list[metrics.Probe], np.ndarray] | None:
     """The efficacy cell's probes and the images the model draws for them now: call it before erasing, so they are
@@ -109,8 +114,7 @@ def measure_asr(pipe: ShapesPipeline, judge: Judge, concept: metrics.Concept | s
     of successes (lower is better), `asr_pre` the same prompts' fraction before the attack, i.e. the efficacy cell.
     `pre_images`: the erased model's images of those probes, if already drawn. `options` go to the attack function
     (k, lr, discrete, timesteps, ...). For the stamp (targets None) every value is None."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown attack protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     concept = metrics.parse_concept(concept) if isinstance(concept, str) else concept
     empty = {"asr": None, "asr_pre": None, "asr_n": 0, "asr_attacked": 0, "asr_targets_show": None,
              "asr_protocol": protocol, "asr_steps": steps, "asr_images": 0, "asr_seconds": 0.0, "asr_prompts": []}
@@ -292,8 +296,7 @@ def run_eval(out: Path, method_names: list[str] | None = None, concept_names: li
     official protocol takes that many at each of its timesteps)."""
     if attack_steps is not None and attack_steps < 0:
         raise ValueError(f"--attack-steps must be >= 0, got {attack_steps}")
-    if attack_protocol not in PROTOCOLS:
-        raise ValueError(f"unknown attack protocol {attack_protocol!r}: one of {', '.join(PROTOCOLS)}")
+    check_protocol(attack_protocol)  # before minutes of loading and sampling
     out = writable_dir(Path(out))
     method_names = list(method_names or methods.METHODS)
     concept_names = list(concept_names or DEFAULT_EVAL_CONCEPTS)
