@@ -8,8 +8,8 @@ numbering follows from the number of res-blocks per resolution level, which `UNe
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ FAMILIES = {
         Family("sd1", "Stable Diffusion 1.x", 768, ("clip_l",), (2, 2, 2, 2)),
         Family("sd2", "Stable Diffusion 2.x", 1024, ("clip_h",), (2, 2, 2, 2)),
         Family("sdxl", "Stable Diffusion XL", 2048, ("clip_l", "clip_g"), (2, 2, 2)),
-        # The toy model of erasers/shapes (diffusers/transformers classes; not loadable in ComfyUI).
+        # The toy model of shapes (diffusers/transformers classes; not loadable in ComfyUI).
         Family("shapes", "EraseKit shapes world", 64, (), (1, 1, 1)),
     )
 }

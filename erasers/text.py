@@ -7,8 +7,8 @@ provide one: `TransformersEncoder` here, ComfyUI's CLIP in nodes/comfy_adapter.p
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -1,17 +1,16 @@
-"""Node: an AdvUnlearn text encoder (erasers/advunlearn.py) in place of an SD1.x CLIP's own, as weight patches on a
+"""Node: an AdvUnlearn text encoder (erasers/advunlearn/encoder.py) in place of an SD1.x CLIP's own, as weight patches on a
 clone of the CLIP: the input CLIP, and the module its clones share, are never changed."""
 from __future__ import annotations
 
 import os
 
-from ..erasers.advunlearn import AdvUnlearnEncoder, check_fits, load_advunlearn, not_sd1
+from ..erasers.advunlearn.encoder import AdvUnlearnEncoder, check_fits, load_advunlearn, not_sd1
 from ..erasers.families import text_encoders
-from .comfy_adapter import _original
+from ..erasers.io import comfy_folders
+from .comfy_adapter import original_weight
 
 CATEGORY = "EraseKit"
-# "clip" is the folder name both ComfyUI versions know; the newest maps it to models/text_encoders, which also
-# lists models/clip.
-FOLDER = "clip"
+FOLDER = comfy_folders.TEXT_ENCODERS
 PREFIX = "clip_l.transformer."  # ComfyUI's SD1ClipModel names: the transformers names under this prefix
 
 
@@ -75,7 +74,7 @@ def apply_text_encoder(clip, encoder: AdvUnlearnEncoder, strength: float = 1.0):
     for name, new in encoder.state_dict.items():
         key = PREFIX + name
         # On the CPU, where the encoder is: a loaded CLIP's weights may sit on the GPU. ComfyUI moves patches itself.
-        delta = new.float() - _original(clip.patcher, key, own[key]).float().cpu()
+        delta = new.float() - original_weight(clip.patcher, key, own[key]).float().cpu()
         if delta.any():  # AdvUnlearn leaves the embeddings frozen: equal to the base model's, nothing to patch
             patches[key] = (delta,)
     patched = clip.clone()

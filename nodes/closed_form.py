@@ -5,15 +5,15 @@ import logging
 import os
 import re
 
-from ..erasers import concept_edit
-from ..erasers.concept_data import coco_captions
-from ..erasers import official
+from ..erasers.closed_form import official, recipes
+from ..erasers.closed_form.captions import coco_captions
 from ..erasers.erasure import Erasure
 from ..erasers.families import kv_family
+from ..erasers.io import comfy_folders
 from .comfy_adapter import ATTENTION, ComfyEncoder, apply_erasure, kv_weights, models_folder, unet_weights
 
 CATEGORY = "EraseKit"
-FOLDER = "erasers"
+FOLDER = comfy_folders.ERASURES
 
 
 def erasers_folder() -> str:
@@ -58,7 +58,7 @@ class EraseConcepts:
             "required": {
                 "model": ("MODEL",),
                 "clip": ("CLIP", {"tooltip": "The text encoder of the same checkpoint, used to encode the concepts."}),
-                "method": (list(concept_edit.METHODS), {"default": "uce"}),
+                "method": (list(recipes.METHODS), {"default": "uce"}),
                 "concepts": ("STRING", {"multiline": True, "default": "",
                                         "tooltip": "Concepts to erase: one per line, or separated by ';' or ','."}),
                 "guide": ("STRING", {"default": "", "tooltip": "What erased concepts become (empty: the "
@@ -76,7 +76,7 @@ class EraseConcepts:
                 "preserve_scale": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.01,
                                              "tooltip": "-1: the method's default."}),
                 "expand_prompts": (["none", "object", "art"], {"default": "none"}),
-                "rece_preset": (["none", *concept_edit.RECE_PRESETS], {"default": "none"}),
+                "rece_preset": (["none", *recipes.RECE_PRESETS], {"default": "none"}),
                 "rece_epochs": ("INT", {"default": -1, "min": -1, "max": 20, "tooltip": "-1: the preset's."}),
                 "trce_prior_captions": ("INT", {"default": 500, "min": 10, "max": 2000,
                                                 "tooltip": "COCO captions for TRCE's prior-preservation term."}),
@@ -86,7 +86,7 @@ class EraseConcepts:
     def erase(self, model, clip, method, concepts, guide, preserve, strength, token_selection="last",
               technique="replace", lamb=0.5, erase_scale=1.0, preserve_scale=-1.0, expand_prompts="none",
               rece_preset="none", rece_epochs=-1, trce_prior_captions=500):
-        opts = concept_edit.EraseOptions(
+        opts = recipes.EraseOptions(
             method=method,
             concepts=split_concepts(concepts),
             guide=[g.strip() for g in guide.split(";")] if guide.strip() else [],
@@ -102,10 +102,10 @@ class EraseConcepts:
         )
         opts.validate()
         encoder = ComfyEncoder(clip)
-        prior = concept_edit.caption_prior(encoder, coco_captions(trce_prior_captions)) if method == "trce" else None
-        progress = _progress(opts.epochs or concept_edit.RECE_PRESETS.get(opts.preset or "", {}).get("epochs", 1))
+        prior = recipes.caption_prior(encoder, coco_captions(trce_prior_captions)) if method == "trce" else None
+        progress = _progress(opts.epochs or recipes.RECE_PRESETS.get(opts.preset or "", {}).get("epochs", 1))
         kv = kv_weights(model)
-        erasure = concept_edit.erase(kv, encoder, kv_family(kv).name, opts,
+        erasure = recipes.erase(kv, encoder, kv_family(kv).name, opts,
                                      progress=progress if method == "rece" else None, prior=prior)
         return (apply_erasure(model, erasure, strength), erasure)
 

@@ -38,7 +38,7 @@ def _layout(model) -> UNetLayout:
     return UNetLayout.from_ldm_keys(model.model.diffusion_model.state_dict().keys())
 
 
-def _original(model, key: str, current: torch.Tensor) -> torch.Tensor:
+def original_weight(model, key: str, current: torch.Tensor) -> torch.Tensor:
     """The unpatched weight: while another clone is loaded its patches sit in the shared module, originals in backup."""
     entry = model.backup.get(key)
     if entry is None:
@@ -67,7 +67,7 @@ def unet_weights(model, pattern: re.Pattern = _KV) -> dict[str, torch.Tensor]:
     for key, tensor in model.model.state_dict().items():
         match = pattern.match(key)
         if match:
-            weight = _patched(model, key, _original(model, key, tensor).detach())
+            weight = _patched(model, key, original_weight(model, key, tensor).detach())
             out[layout.to_diffusers(match.group(1))] = weight.float().cpu()
     return out
 

@@ -1,9 +1,17 @@
-"""Node: a Geom-Erasing negative prompt (erasers/geom_erasing.py): an implicit concept at grid locations, in plain
+"""Node: a Geom-Erasing negative prompt (erasers/geom/negatives.py): an implicit concept at grid locations, in plain
 words or with learned location tokens from models/embeddings, appended to an existing negative."""
 from __future__ import annotations
 
-from ..erasers.geom_erasing import (CONCEPTS, DEFAULT_GRID, GeomError, LocationTokens, append_negative,
-                                    concept_name, parse_cells, plain_negative)
+from ..erasers.geom.negatives import (
+    CONCEPTS,
+    DEFAULT_GRID,
+    GeomError,
+    LocationTokens,
+    append_negative,
+    concept_name,
+    parse_cells,
+    plain_negative,
+)
 
 CATEGORY = "EraseKit"
 NO_FILE = "none (plain words)"

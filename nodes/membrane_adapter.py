@@ -29,16 +29,26 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..erasers.erasure import FamilyMismatchError
 from ..erasers.families import FAMILIES, UNetLayout, kv_family
-from ..erasers.spm import (Combine, Concepts, Membrane, MembraneStack, is_target, kohya_tensors, ldm_key,
-                           row_keys, stack_membranes, transport_strengths)
+from ..erasers.spm.membrane import (
+    Combine,
+    Concepts,
+    Membrane,
+    MembraneStack,
+    is_target,
+    kohya_tensors,
+    ldm_key,
+    row_keys,
+    stack_membranes,
+    transport_strengths,
+)
 from ..erasers.text import CONTEXT_TOKENS
 from .comfy_adapter import ComfyEncoder
 

@@ -1,12 +1,12 @@
 """Node: a prompt list (typed, or an I2P-style .csv / a .txt file) as one batch: one conditioning that stacks a
 prompt per batch item, the negative repeated to the same batch, an empty latent and per-item noise (parsing:
-erasers/prompt_lists.py)."""
+erasers/io/prompt_lists.py)."""
 from __future__ import annotations
 
 import math
 import os
 
-from ..erasers.prompt_lists import MAX_SEED, PromptItem, PromptListError, parse_text, read_prompt_file, select
+from ..erasers.io.prompt_lists import MAX_SEED, PromptItem, PromptListError, parse_text, read_prompt_file, select
 
 CATEGORY = "EraseKit"
 

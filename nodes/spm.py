@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..erasers.spm import Membrane, MissingConceptsError, load_membrane
+from ..erasers.io import comfy_folders
+from ..erasers.spm.membrane import Membrane, MissingConceptsError, load_membrane
 from .comfy_adapter import models_folder
 from .membrane_adapter import apply_membrane
 
 CATEGORY = "EraseKit"
-FOLDER = "spm"
+FOLDER = comfy_folders.SPM
 
 
 def spm_folder() -> str:

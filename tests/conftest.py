@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from erasekit.erasers.comfy_server import ComfyServer, locate_comfyui
+from erasekit.cli.comfy_server import ComfyServer, locate_comfyui
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 
@@ -52,7 +52,7 @@ def comfy():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny SD1.5-shaped single-file checkpoint with seeded random weights that real ComfyUI loads."""
-    from erasekit.erasers.tiny_models import build_tiny_sd15_checkpoint
+    from erasekit.testing.tiny_models import build_tiny_sd15_checkpoint
 
     path = tmp_path_factory.mktemp("checkpoints") / "tiny-sd15.safetensors"
     build_tiny_sd15_checkpoint(path, seed=0)

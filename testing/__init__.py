@@ -1,0 +1,1 @@
+"""Seeded tiny models with the real layouts, for the tests and for `erasekit fixtures`."""
