@@ -1,7 +1,7 @@
 """AdvUnlearn: a text encoder retrained with a bilevel adversarial objective (Zhang et al., NeurIPS 2024).
 
 encoder.py (loading released encoders and swapping them into a pipeline), train.py (the bilevel training).
-Equations: docs/methods.md §4.
+Equations: docs/methods.md §5.
 """
 from ..io.text_encoders import TextEncoderError
 from .encoder import (

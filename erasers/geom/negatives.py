@@ -8,7 +8,7 @@ the location tokens of the chosen cells go into the negative prompt. Without lea
 the cells in plain words ("stamp in the top left").
 
 Cells are numbered row-major from the top left: cell = row·k + col. The paper has no official code; everything
-here follows its description (docs: /work/shared/research/methods.md §6).
+here follows its description (docs/methods.md §6).
 
 File format (``.safetensors``), readable by ComfyUI's ``embedding:`` loader:
 - one tensor ``emb_params``, float32 [n, width]: the learned vector of each stored cell, in the order of the

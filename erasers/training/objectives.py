@@ -1,5 +1,5 @@
 """Pieces of the objectives that EraseKit's trainers share (SPM, AdvUnlearn): ESD's erase target, the prompt
-settings a run draws from, and the official DDIM sampler their rollouts use (methods.md §1.2, §4.2)."""
+settings a run draws from, and the official DDIM sampler their rollouts use (methods.md §1.2, §5.2)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
