@@ -68,7 +68,7 @@ run gives the weights of an uninterrupted one).
 
 Objective: ε-prediction MSE with min-SNR-5 weighting, {int(100 * data.CAPTION_DROPOUT)}% empty captions for
 classifier-free guidance; text encoder and UNet trained together from scratch; the model is the last step's weights
-(no EMA: `train.py` says why). The wall time includes other work
+(no EMA: `shapes/train.py` says why). The wall time includes other work
 sharing the two cores during the run; the run's fastest 100 steps took {pace:.2f} s each, a pace at which its
 {summary['steps']} steps take {pace * summary['steps'] / 60:.0f} min.
 

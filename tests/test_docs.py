@@ -21,7 +21,8 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def linked_documents() -> list[Path]:
-    return [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md"))]
+    cards = [*sorted((ROOT / "weights").rglob("README.md")), ROOT / "workflows" / "README.md"]
+    return [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md")), *cards]
 
 
 def modules() -> list[str]:
@@ -109,7 +110,7 @@ def test_every_module_under_erasers_nodes_cli_shapes_and_testing_is_in_the_desig
     assert not missing, f"docs/design.md's module map lacks {missing}: add one line per module with its role"
 
 
-def test_every_relative_link_in_the_readme_changelog_and_docs_resolves_to_a_file_and_heading():
+def test_every_relative_link_in_the_readme_changelog_docs_and_cards_resolves_to_a_file_and_heading():
     broken = []
     for markdown in linked_documents():
         for target in relative_links(markdown):
