@@ -1,8 +1,9 @@
 """Train the shapes-world model from scratch: text encoder and UNet together, ε-prediction with min-SNR weighting,
 10% empty captions for classifier-free guidance; the final step's weights are the model.
 
-No EMA of the weights: on the 4,000-step run an EMA (decay 0.998) drew the never-captioned stamp at 16% against the
-training rate's 30%, the final weights at 26%, with the same shape, colour and pattern accuracy (within a point).
+No EMA of the weights: averaging the weights of the last few hundred steps averages away a rare mark that no caption
+explains, so an EMA draws the never-captioned stamp far below the training rate while the final weights keep it
+(the 4,000-step run's figures: docs/shapes-world.md, The shipped model).
 
 Deterministic and resumable: batch `s` is `data.batch(seed * 1_000_003 + s, batch_size)` and its timesteps and
 noise come from a generator with the same seed (distinct for every (seed, s) of a run), so a run resumed from a

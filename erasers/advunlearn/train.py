@@ -85,16 +85,15 @@ class AdvUnlearnConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
-# Shapes world (toy UNet, 3-layer 64-wide encoder). An iteration's cost is its UNet evaluations, ~20-50 ms per
-# image whatever the batch on this CPU, and the rollouts (2 per image per DDIM step, for the attacker's steps, the
-# defender and each retain prompt) are most of them; so, against the official values:
-# - ddim_steps 8 (rollouts of 0-7 steps, the world samples with 10), retain_batch 3;
+# Shapes world (toy UNet, 3-layer 64-wide encoder). An iteration's cost is its UNet evaluations, and the rollouts
+# (2 per image per DDIM step, for the attacker's steps, the defender and each retain prompt) are most of them; so,
+# against the official values (the runs behind each choice: docs/shapes-world.md, AdvUnlearn):
+# - ddim_steps 8 (rollouts of 0-7 steps, the world samples with 10), retain_batch 3: fewer rollouts per iteration;
 # - 3 attack steps at lr 1e-2 instead of 30 at 1e-3: the world's word embeddings are as large per coordinate as
-#   CLIP-L's (≈ 0.02), so δ moves about as far as the official attacker's;
+#   CLIP-L's, so δ moves about as far as the official attacker's;
 # - lr 2e-4: the tiny encoder at 1e-5 barely moves in a few hundred iterations;
-# - retain_weight γ = 100: at γ = 1 and 10 circle was erased (0% and 1.9% still drawn, n = 54) but specificity fell
-#   93.3 → 88.0, squares turning into triangles and crosses (4 of 11 right); the utility term is ~1e-5 against an
-#   erase term of ~1e-3 here, and at γ = 100 squares stay (9 of 11) with circle at 7.4% (README, Shapes world).
+# - retain_weight γ = 100: the utility term is about a hundredth of the erase term here, so at the official γ it
+#   does not hold the concept's nearest neighbours (other shapes) in place while the concept is pushed away.
 SHAPES_DEFAULTS = dict(iterations=300, warmup=60, lr=2e-4, retain_weight=100.0, retain_batch=3, attack_steps=3,
                        attack_lr=1e-2, ddim_steps=8, checkpoint_every=50)
 

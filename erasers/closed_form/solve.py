@@ -81,9 +81,9 @@ def tensor_targets(projected_keys: torch.Tensor, projected_guides: torch.Tensor,
 
 
 def _thin_product(weight: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """weight @ columns for a thin right side. On the CPU, MKL's sgemm takes 2-4× longer for 2 to 15 columns than for
-    16 (SDXL's 140 K/V weights times 10 columns: 0.27-0.53 s, times 16: 0.18-0.20 s, on 2 AVX2 cores), so those are
-    padded with zero columns to 16; one column stays a matrix-vector product."""
+    """weight @ columns for a thin right side. On the CPU, MKL's sgemm is several times slower for 2 to 15 columns
+    than for 16 (docs/benchmarks.md, closed form), so those are padded with zero columns to 16; one column stays a
+    matrix-vector product."""
     m = columns.shape[1]
     if weight.device.type == "cpu" and 1 < m < 16:
         padded = torch.cat([columns, columns.new_zeros(columns.shape[0], 16 - m)], dim=1)

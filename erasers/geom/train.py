@@ -12,7 +12,7 @@ concept's name means an image without it, and the name plus the tokens become a 
 Some of the time a caption's words are dropped so that the unconditional prediction stays trained for
 classifier-free guidance; the concept's name and tokens stay, because the negative prompt is exactly those alone
 and the model must have seen them so. (Dropping them too left "stamp" plus the corner tokens meaning "something in
-the corners", and as a negative it cost the shapes world 6 points of shape accuracy: README, Geom-Erasing.)
+the corners", and as a negative it cost the shapes world shape accuracy: docs/shapes-world.md, Geom-Erasing.)
 
 In both, the denoising loss is re-weighted per grid cell: with T cells of which K hold the concept,
 w = T/(K+α(T−K)) inside and αT/(K+α(T−K)) outside (Σw = T), so α > 1 down-weights the concept's pixels;
@@ -69,10 +69,10 @@ class GeomTrainConfig:
 
 # The shapes world's data-removal run: its min-SNR-5 objective (shapes/train.py) at half its batch, and
 # captions' words dropped 40% of the time, four times the world's CFG rate: each dropped caption of a stamped image
-# is a lesson in what the negative prompt means, and at 10-20% the negative barely moved the stamp rate. α = 16:
-# the less the stamp's cells weigh, the less the fine-tuning rehearses drawing a stamp, and the stamp rate fell with
-# each doubling from α = 0.5 to 32, at no cost in shape (README, Geom-Erasing). 640 steps take 17 minutes on one CPU
-# thread (the budget is 20).
+# is a lesson in what the negative prompt means, and rarer drops barely taught it. α = 16: the less the stamp's cells
+# weigh, the less the fine-tuning rehearses drawing a stamp, and larger α kept cutting the stamp rate without costing
+# shape accuracy. 640 steps keep the run inside a 20-minute budget on one CPU thread. The sweep behind each value:
+# docs/shapes-world.md, Geom-Erasing.
 SHAPES_DATA_SETTING = dict(steps=640, batch_size=32, unet_lr=6e-4, warmup=20, caption_dropout=0.4, min_snr_gamma=5.0,
                            alpha=16.0)
 SHAPES_IMAGES = {"model": 2048, "data": 4096}  # rendered training images; the data setting sees all of them
@@ -199,9 +199,8 @@ def train_location_tokens(pipe, images: torch.Tensor, captions: Sequence[str], b
 def _lr_scale(step: int, steps: int, warmup: int) -> float:
     """Linear warm-up times a cosine decay to zero. Adam's first steps move every weight by about the full
     learning rate whatever the gradient's size, which knocks a trained UNet off its minimum; warming up avoids that.
-    Without the decay the result is wherever the last noisy step left it: on the shapes world, two seeds of one
-    constant-rate run left stamp rates of 2.5% and 21.1%; with it, two seeds gave 8.1% and 9.4% (README,
-    Geom-Erasing)."""
+    Without the decay the result is wherever the last noisy step left it, so seeds disagree; with it they agree
+    (the shapes-world runs: docs/shapes-world.md, Geom-Erasing)."""
     warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
     return warm * 0.5 * (1 + math.cos(math.pi * step / steps))
 

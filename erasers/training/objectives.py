@@ -18,8 +18,8 @@ def prompt_settings(target: str, positive: str, neutral: str, contexts: Sequence
 
     Why contexts: a membrane trained on a bare word only learns what that word's embedding does on its own. In a
     small text encoder (the shapes world) the word inside a prompt ("a red striped circle") embeds differently
-    from the word alone, and the bare word barely moves the UNet (measured ‖ε(circle) − ε(∅)‖ 0.3-0.9 against 2-7
-    for "a red circle"), so such a membrane leaves every real prompt untouched. Filling the neutral into the same
+    from the word alone, and the bare word barely moves the UNet (far less than the same word in a prompt:
+    docs/shapes-world.md, SPM), so such a membrane leaves every real prompt untouched. Filling the neutral into the same
     template ("a red striped {}" → "a red striped") keeps what the rest of the prompt asks for."""
     for context in contexts:
         if context.count("{}") != 1:

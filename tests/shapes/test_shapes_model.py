@@ -122,8 +122,8 @@ def test_negative_baseline_and_geom_set_the_negative_and_restore(world):
 
 def test_shipped_geom_erasing_cuts_the_stamp(world):
     """The shipped data-removal UNet with its negative against the base model on 144 ordinary prompts (180 images):
-    it cuts the stamp rate at least five-fold (here 50 → 4 stamps; eval at n = 180 per cell: 23.6% → 2.2%, README,
-    Geom-Erasing; the α = 2 model shipped before, at 5.8%, would leave about 10) and costs under the issue's 3
+    it cuts the stamp rate at least five-fold (here 50 → 4 stamps; eval at n = 180 per cell: 23.6% → 2.2%,
+    docs/shapes-world.md; the α = 2 model shipped before, at 5.8%, would leave about 10) and costs under the issue's 3
     points of shape accuracy."""
     from erasekit.shapes import methods, metrics
 
