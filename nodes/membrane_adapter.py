@@ -3,13 +3,17 @@
 How the gates reach the layers, the same way on the old (2024) and the newest ComfyUI. Everything is a patch on
 clones (ModelPatcher object patches, which both versions set when a model is loaded and undo when another clone of
 it is), so no weight is ever written and the input MODEL and CLIP stay as they were:
+The rules of FT, its token record and caches are erasers/spm/transport.py's, shared with the diffusers adapter;
+this module is the ComfyUI glue:
 1. The returned CLIP is a clone whose ``encode_from_tokens`` (old CLIPTextEncode) and ``encode_from_tokens_scheduled``
-   (new CLIPTextEncode) record, per context row they return, a content hash → the prompt's token ids. Its
-   ``clone`` passes the recording on, so a CLIPSetLastLayer or LoRA loader after this node keeps it.
+   (new CLIPTextEncode) record, per context row they return, the prompt's token ids (ComfyUI's tokens, less those
+   of the empty prompt) in the process-wide `TOKEN_RECORD`. Its ``clone`` passes the recording on, so a
+   CLIPSetLastLayer or LoRA loader after this node keeps it.
 2. An object patch on ``diffusion_model.forward`` sees the context exactly as the UNet layers do (one row per
-   sample: cond and uncond of CFG, several prompts, already cast to the model dtype). It gets each row's FT
-   strengths from a cache, computing them once per distinct row with `spm.transport_strengths` (token overlap from
-   the record; clipcos alone, with one warning, for a row no recording CLIP produced).
+   sample: cond and uncond of CFG, several prompts, already cast to the model dtype). It passes it to the set's
+   `Transport`, which gives each row's gates (token overlap from the record, also for a context ComfyUI repeated
+   to a longer prompt's length; an all-zero row, ConditioningZeroOut's, is the empty prompt; clipcos alone, with
+   one warning, for a row no recording CLIP produced).
    Not a model_function_wrapper: that is one slot, which other packs set without chaining; it runs only under a
    sampler (not for a direct apply_model); and packs such as tiled diffusion wrap it to call the UNet on slices of
    the batch. The forward patch sits under every sampler-level wrapper, so its rows are the rows the layers get.
@@ -37,24 +41,11 @@ from torch import Tensor, nn
 
 from ..erasers.erasure import FamilyMismatchError
 from ..erasers.families import FAMILIES, UNetLayout, kv_family
-from ..erasers.spm.membrane import (
-    Combine,
-    Concepts,
-    Membrane,
-    MembraneStack,
-    is_target,
-    kohya_tensors,
-    ldm_key,
-    row_keys,
-    stack_membranes,
-    transport_strengths,
-)
-from ..erasers.text import CONTEXT_TOKENS
+from ..erasers.spm.membrane import Combine, Membrane, MembraneStack, is_target, kohya_tensors, ldm_key, stack_membranes
+from ..erasers.spm.transport import Concepts, TokenRecord, Transport
 from .comfy_adapter import ComfyEncoder
 
 UNET_FORWARD = "diffusion_model.forward"  # object-patch key, relative to ModelPatcher.model
-_CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a model may cast the context to
-_CACHE_LIMIT = 100_000  # entries per cache; beyond it the cache starts afresh (a few MB)
 _LOG = logging.getLogger("erasekit")
 _RECORDS = "_erasekit_records_tokens"  # marks a CLIP whose encodings record their token ids
 _KV = ("attn2.to_k", "attn2.to_v")  # the layers whose input width is the text context's: the family
@@ -76,33 +67,8 @@ def token_set(clip, tokens: dict) -> frozenset[int]:
     return _ids(tokens[key]) - _ids(clip.tokenize("")[key])
 
 
-class _TokenRecord:
-    """Context-row hash → token ids, filled by recording CLIPs, read by every membrane set. Process-wide: a hash
-    names one context, whichever CLIP made it."""
-
-    def __init__(self) -> None:
-        self.ids: dict[bytes, frozenset[int]] = {}
-
-    def add(self, cond: Tensor, tokens: frozenset[int]) -> None:
-        if len(self.ids) > _CACHE_LIMIT:
-            self.ids.clear()
-        for dtype in _CAST_DTYPES:
-            self.ids.update((key, tokens) for key in row_keys(cond.detach().to(dtype)))
-
-    def find(self, row: Tensor) -> frozenset[int] | None:
-        """The token ids of one context row as the UNet gets it, or None for a context no recording CLIP made
-        (also one changed after encoding, e.g. by ConditioningConcat or ConditioningAverage)."""
-        length = row.shape[0]
-        # Batched with a longer prompt, ComfyUI repeats a context to the common length (CONDCrossAttn.concat).
-        for size in [length] + [n * CONTEXT_TOKENS for n in range(1, length // CONTEXT_TOKENS)]:
-            if length % size or (tokens := self.ids.get(row_keys(row[None, :size])[0])) is None:
-                continue
-            if torch.equal(row, row[:size].repeat(length // size, 1)):
-                return tokens
-        return None
-
-
-TOKEN_RECORD = _TokenRecord()
+# Process-wide: a row hash names one context, whichever CLIP made it, and a MODEL does not know its CLIP.
+TOKEN_RECORD = TokenRecord()
 
 
 def _encoded_conds(output) -> list[Tensor]:
@@ -164,43 +130,27 @@ class _Entry:
     ft: bool
 
 
+def _warn_unrecorded() -> None:
+    _LOG.warning("SPM Facilitated Transport: a prompt context reached the UNet that the SPM loader's CLIP output did "
+                 "not encode (or that was changed after encoding, e.g. concatenated), so its token ids are unknown and "
+                 "it is gated by clipcos alone. Connect the loader's CLIP output to the text encode nodes.")
+
+
 class _MembraneSet:
-    """The gated membranes of one MODEL (every loader of a chain), their FT cache and the gates of the UNet call
-    that is running."""
+    """The gated membranes of one MODEL (every loader of a chain), their Transport (FT, from the process-wide token
+    record) and the gates of the UNet call that is running."""
 
     def __init__(self, entries: list[_Entry], combine: Combine, concepts: Concepts | None):
-        self.entries, self.combine, self.concepts = entries, combine, concepts
+        self.entries, self.combine = entries, combine
         self.stacks = stack_membranes([e.membrane for e in entries], combine)
-        self.strengths = torch.tensor([e.strength for e in entries], dtype=torch.float32)
-        self.ft = torch.tensor([e.ft for e in entries])
-        self.cache: dict[bytes, Tensor] = {}
+        self.transport = Transport(concepts, [e.strength for e in entries], TOKEN_RECORD, _warn_unrecorded,
+                                   ft=[e.ft for e in entries])
         self.current: Tensor | None = None
-        self.warned = False
 
-    def gates(self, context: Tensor) -> Tensor:
-        """Strengths [B, M] (float32, CPU) of each row of a UNet context: the loader's strength, times the row's
-        FT strength for membranes loaded with FT."""
-        if self.concepts is None:
-            return self.strengths.expand(context.shape[0], -1)
-        keys = row_keys(context)
-        new = {key: b for b, key in enumerate(keys) if key not in self.cache}
-        transported = {}
-        if new:
-            rows = context[list(new.values())]
-            tokens = [TOKEN_RECORD.find(row) for row in rows]
-            if None in tokens and not self.warned:
-                self.warned = True
-                _LOG.warning("SPM Facilitated Transport: a prompt context reached the UNet that the SPM loader's "
-                             "CLIP output did not encode (or that was changed after encoding, e.g. concatenated), so "
-                             "its token ids are unknown and it is gated by clipcos alone. Connect the loader's CLIP "
-                             "output to the text encode nodes.")
-            transported = dict(zip(new, transport_strengths(rows[:, :CONTEXT_TOKENS], tokens, self.concepts)))
-            if len(self.cache) > _CACHE_LIMIT:
-                self.cache.clear()
-            # A row without token ids is scored again next time: a recording CLIP may encode it meanwhile.
-            self.cache.update((key, value) for (key, value), ids in zip(transported.items(), tokens) if ids is not None)
-        ft = torch.stack([self.cache.get(key, transported.get(key)) for key in keys])
-        return torch.where(self.ft, ft, 1.0) * self.strengths
+    def gates(self, context: Tensor, device: torch.device | str | None = None) -> Tensor:
+        """Strengths [B, M] (float32, on `device`, default the CPU) of each row of a UNet context: the loader's
+        strength, times the row's FT strength for membranes loaded with FT."""
+        return self.transport.gates(context, device)
 
 
 class _GatedUNet:
@@ -215,7 +165,7 @@ class _GatedUNet:
     def __call__(self, x: Tensor, timesteps=None, context: Tensor | None = None, *args, **kwargs):
         if context is None:
             raise ValueError("SPM Facilitated Transport needs the text context of the UNet call; this model got none")
-        self.membranes.current = self.membranes.gates(context).to(x.device)
+        self.membranes.current = self.membranes.gates(context, x.device)
         try:
             return self.inner(x, timesteps, context, *args, **kwargs)
         finally:

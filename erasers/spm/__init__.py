@@ -1,18 +1,17 @@
 """SPM: one-dimensional adapters ("membranes") with per-sample Facilitated Transport (Lyu et al., CVPR 2024).
 
-membrane.py (the low-rank deltas, their files and the stack that applies them), transport.py (the gates), hooks.py
-(diffusers), kernel.py (the fused CUDA kernel), train.py (training with Latent Anchoring). Equations: docs/methods.md §1.
+membrane.py (the low-rank deltas, their files and the stack that applies them), transport.py (Facilitated Transport:
+the gates, for both adapters), hooks.py (diffusers), kernel.py (the fused CUDA kernel), train.py (training with Latent
+Anchoring). Equations: docs/methods.md §1.
 """
 from .hooks import TransportFallbackWarning, attach_membranes, detach_membranes, membrane_gates, membrane_targets
 from .membrane import (
     KOHYA_PREFIX,
     Combine,
-    Concepts,
     Membrane,
     MembraneFileError,
     MembraneLayer,
     MembraneStack,
-    Metric,
     MissingConceptsError,
     is_target,
     kohya_name,
@@ -22,16 +21,25 @@ from .membrane import (
     merged_deltas,
     module_path,
     module_path_from_ldm_key,
-    row_keys,
     save_membrane,
     stack_membranes,
+)
+from .transport import (
+    CACHE_LIMIT,
+    CAST_DTYPES,
+    Concepts,
+    Metric,
+    TokenRecord,
+    Transport,
+    row_keys,
     token_sets,
     transport_strengths,
 )
 
 __all__ = [
-    "KOHYA_PREFIX", "Combine", "Concepts", "Membrane", "MembraneFileError", "MembraneLayer", "MembraneStack", "Metric",
-    "MissingConceptsError", "TransportFallbackWarning", "attach_membranes", "detach_membranes", "is_target",
+    "CACHE_LIMIT", "CAST_DTYPES", "KOHYA_PREFIX", "Combine", "Concepts", "Membrane", "MembraneFileError",
+    "MembraneLayer", "MembraneStack", "Metric", "MissingConceptsError", "TokenRecord", "Transport",
+    "TransportFallbackWarning", "attach_membranes", "detach_membranes", "is_target",
     "kohya_name", "kohya_tensors", "ldm_key", "load_membrane", "membrane_gates", "membrane_targets", "merged_deltas",
     "module_path", "module_path_from_ldm_key", "row_keys", "save_membrane", "stack_membranes", "token_sets",
     "transport_strengths",

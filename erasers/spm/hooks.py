@@ -2,14 +2,14 @@
 
 Hooks only: no parameter is touched, so outputs after `detach_membranes` are bit-identical to before.
 
-How the gates reach the layers:
-1. A forward hook on the pipeline's (first) text encoder records each prompt's token set under a hash of each row
-   of every context it produces (last and all hidden states, each as float32/float16/bfloat16, so the pipeline's
-   choice of hidden state and its dtype cast still match).
-2. A pre-hook on the UNet hashes each row of the `encoder_hidden_states` it receives and gets that row's strengths
-   from a cache, computing them once per distinct context with `spm.transport_strengths` (clipcos from the row as
-   received, the token overlap from the record; SDXL's rows are looked up by their CLIP-L part). The [B, M]
-   strengths live on a shared state until the UNet call returns.
+How the gates reach the layers (the rules of FT, its token record and caches are transport.py's, shared with the
+ComfyUI adapter; this module is the diffusers glue):
+1. A forward hook on the pipeline's (first) text encoder records each prompt's token set (`token_sets` of its
+   input ids) in a `TokenRecord` under each row of every context it produces (last and all hidden states, so the
+   pipeline's choice of hidden state still matches).
+2. A pre-hook on the UNet passes the `encoder_hidden_states` it receives to the `Transport`, which gives each row's
+   gates (SDXL's rows are looked up by their CLIP-L part; an all-zero row is the empty prompt). The [B, M] gates
+   live on a shared state until the UNet call returns.
 3. A forward hook on every target module adds ``ΔW·x`` at the strengths (``stack.add_to``), so one UNet call can
    mix samples with different gates: the uncond half of a CFG batch is gated by its own (negative) prompt.
 
@@ -28,22 +28,10 @@ from ..diffusers_adapter import unet_family
 from ..erasure import FamilyMismatchError
 from ..families import FAMILIES
 from ..text import CONTEXT_TOKENS, Encoder, TransformersEncoder
-from .membrane import (
-    Combine,
-    Concepts,
-    Membrane,
-    MembraneStack,
-    Metric,
-    is_target,
-    row_keys,
-    stack_membranes,
-    token_sets,
-    transport_strengths,
-)
+from .membrane import Combine, Membrane, MembraneStack, is_target, stack_membranes
+from .transport import Concepts, Metric, TokenRecord, Transport, token_sets
 
 _STATE = "_erasekit_membranes"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CACHE_LIMIT = 100_000  # entries per cache; beyond it the cache starts afresh (a few MB)
 
 
 class TransportFallbackWarning(UserWarning):
@@ -65,71 +53,41 @@ def membrane_targets(pipe_or_unet) -> dict[str, nn.Module]:
             if is_target(path) and isinstance(_base(module), (nn.Linear, nn.Conv2d))}
 
 
-class _Transport:
-    """FT for one attachment: the token record filled by the text encoder and the per-context strength cache."""
+def _recorder(record: TokenRecord, special_ids: Sequence[int]):
+    """Forward hook for the text encoder: each prompt's token ids under every context it produces (last and all
+    hidden states, so the pipeline's choice of hidden state, clip skip included, still matches)."""
 
-    def __init__(self, concepts: Concepts, metric: Metric, special_ids: Sequence[int], width: int):
-        self.concepts, self.metric, self.special_ids, self.width = concepts, metric, special_ids, width
-        self.tokens: dict[bytes, frozenset[int]] = {}
-        self.strengths: dict[bytes, Tensor] = {}
-        self.warned = False
-
-    def record(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    def record_tokens(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return
-        sets = token_sets(ids, self.special_ids)
-        if len(self.tokens) > _CACHE_LIMIT:
-            self.tokens.clear()
+        sets = token_sets(ids, special_ids)
         for candidate in (output[0], *(getattr(output, "hidden_states", None) or ())):
-            for dtype in _DTYPES:
-                self.tokens.update(zip(row_keys(candidate.to(dtype)), sets))
+            record.add(candidate, sets)
 
-    def gates(self, context: Tensor) -> Tensor:
-        """Strengths [B, M] (float32, CPU) of each context row, computed once per distinct row."""
-        if len(self.strengths) > _CACHE_LIMIT:
-            self.strengths.clear()
-        keys = row_keys(context)
-        new = {key: b for b, key in enumerate(keys) if key not in self.strengths}
-        if new:
-            rows = context[list(new.values())]
-            # SDXL pipelines encode an empty negative prompt as zeros (force_zeros_for_empty_prompt): no tokens.
-            tokens = [self.tokens.get(key, frozenset() if not row.any() else None)
-                      for key, row in zip(row_keys(rows[..., : self.width]), rows)]
-            if None in tokens and not self.warned:
-                self.warned = True
-                warnings.warn("a prompt context reached the UNet without passing through the pipeline's text encoder "
-                              "(prompt_embeds given directly?): Facilitated Transport scores it by clipcos alone",
-                              TransportFallbackWarning, stacklevel=2)
-            self.strengths.update(zip(new, transport_strengths(rows, tokens, self.concepts, self.metric)))
-        return torch.stack([self.strengths[key] for key in keys])
+    return record_tokens
+
+
+def _warn_unrecorded() -> None:
+    warnings.warn("a prompt context reached the UNet without passing through the pipeline's text encoder "
+                  "(prompt_embeds given directly?): Facilitated Transport scores it by clipcos alone",
+                  TransportFallbackWarning, stacklevel=4)
 
 
 class _Attached:
-    """What attach_membranes installed on a UNet; `current` holds the strengths while a UNet call runs."""
+    """What attach_membranes installed on a UNet; `current` holds the gates while a UNet call runs."""
 
-    def __init__(self, strengths: Tensor, transport: _Transport | None):
-        self.strengths = strengths  # [M] user strengths, multiplying the FT gates
+    def __init__(self, transport: Transport, ft: bool):
         self.transport = transport
-        self.current: Tensor | None = None if transport else strengths[None]
+        self.current: Tensor | None = None if ft else transport.strengths[None]
         self.handles: list = []
-        self._context: tuple[Tensor, int, Tensor] | None = None  # (context, its version, its gates on its device)
-
-    def gates(self, context: Tensor) -> Tensor:
-        if self.transport is None:
-            return self.strengths[None].expand(context.shape[0], -1)
-        return self.transport.gates(context) * self.strengths
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if context is None:
             raise ValueError("SPM Facilitated Transport needs the UNet's encoder_hidden_states")
-        # A sampler passes the same context tensor at every step: its gates are reused rather than its rows hashed
-        # again, which would copy them to the host and wait for the GPU each step. Holding the tensor keeps its
-        # identity from being reused; an in-place change bumps its version.
-        if self._context is None or self._context[0] is not context or self._context[1] != context._version:
-            self._context = (context, context._version, self.gates(context).to(context.device))
-        self.current = self._context[2]
+        # A sampler passes the same context tensor at every step: the transport reuses its gates, on its device.
+        self.current = self.transport.gates(context, context.device)
 
     def leave(self, module: nn.Module, args: tuple, output) -> None:
         self.current = None
@@ -184,7 +142,7 @@ def attach_membranes(pipe, membranes: Sequence[Membrane], strengths: Sequence[fl
                                       f"apply to a {FAMILIES[family].label} model")
         membrane.check_targets(shapes)
     stacks = stack_membranes(membranes, combine)
-    transport = None
+    concepts = record = None
     if ft:
         tokenizer, text_encoder = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
         if tokenizer is None or text_encoder is None:
@@ -195,13 +153,15 @@ def attach_membranes(pipe, membranes: Sequence[Membrane], strengths: Sequence[fl
             ids = tokenizer(list(texts), padding="max_length", max_length=CONTEXT_TOKENS, truncation=True).input_ids
             return token_sets(ids, tokenizer.all_special_ids)
 
-        concepts = Concepts.encode(membranes, encoder or _pipeline_encoder(pipe), tokenize)
-        transport = _Transport(concepts, metric, tokenizer.all_special_ids, text_encoder.config.hidden_size)
+        concepts, record = Concepts.encode(membranes, encoder or _pipeline_encoder(pipe), tokenize), TokenRecord()
+    # SDXL's rows are looked up by their CLIP-L part, what the hooked (first) text encoder makes.
+    width = pipe.text_encoder.config.hidden_size if ft else None
+    transport = Transport(concepts, fixed, record, _warn_unrecorded, metric=metric, width=width)
     detach_membranes(pipe)
-    state = _Attached(fixed, transport)
-    if transport is not None:
+    state = _Attached(transport, ft)
+    if ft:
         state.handles += [
-            pipe.text_encoder.register_forward_hook(transport.record, with_kwargs=True),
+            pipe.text_encoder.register_forward_hook(_recorder(record, tokenizer.all_special_ids), with_kwargs=True),
             unet.register_forward_pre_hook(state.enter, with_kwargs=True),
             unet.register_forward_hook(state.leave, always_call=True),
         ]
@@ -218,7 +178,7 @@ def membrane_gates(pipe, encoder_hidden_states: Tensor) -> Tensor:
     state = getattr(_unet(pipe), _STATE, None)
     if state is None:
         raise ValueError("no SPM membranes are attached")
-    return state.gates(encoder_hidden_states)
+    return state.transport.gates(encoder_hidden_states)
 
 
 def detach_membranes(pipe) -> None:

@@ -1,9 +1,9 @@
-"""SPM membranes (Lyu et al., CVPR 2024): the file format, Facilitated Transport and how membranes combine.
+"""SPM membranes (Lyu et al., CVPR 2024): the file format and how membranes combine.
 
 A membrane is a rank-r LoRA on every Linear/Conv2d inside the UNet's Transformer2D blocks (192 modules on SD1.x,
 722 on SDXL): ``y = W x + m · (α/r) · U (D x)``, where the strength `m` comes from Facilitated Transport (FT), a
-per-prompt similarity to the concepts the membrane erases. This module is torch only, so the diffusers adapter
-(spm_diffusers.py) and a ComfyUI one share it.
+per-prompt similarity to the concepts the membrane erases (transport.py). This module is torch only, so the
+diffusers adapter (hooks.py) and the ComfyUI one share it.
 
 File format (the official one, which kohya-style LoRA loaders also read): per target module
 ``lora_unet_<diffusers module path, . → _>.lora_down.weight`` (r×in, or r×in×k×k for a conv), ``.lora_up.weight``
@@ -19,9 +19,8 @@ Combining several membranes with strengths m_i (see methods.md §1.4):
 """
 from __future__ import annotations
 
-import hashlib
 import re
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,11 +31,9 @@ from torch import Tensor
 
 from ..erasure import ErasureFileError, FamilyMismatchError
 from ..families import FAMILIES, FamilyError, UNetLayout, kv_family
-from ..text import Encoder
 from . import kernel as gated_lowrank
 
 KOHYA_PREFIX = "lora_unet_"
-Metric = Literal["clipcos_tokenuni", "clipcos", "tokenuni"]
 Combine = Literal["additive", "official"]
 
 # Every module SPM edits: the Linear/Conv2d layers of a Transformer2DModel, by diffusers module path. Knowing the
@@ -240,85 +237,6 @@ def kohya_tensors(membrane: Membrane) -> dict[str, Tensor]:
         tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=layer.down.dtype)
     return tensors
-
-
-# --- Facilitated Transport --------------------------------------------------------------------------------------
-
-
-def row_keys(rows: Tensor) -> list[bytes]:
-    """A content hash per row (first dim) of `rows`, tagged with dtype and shape: how an adapter recognises, inside
-    the UNet, a context row its text encoder produced (and so knows the row's token ids)."""
-    rows = rows.detach().to("cpu").contiguous()
-    tag = f"{rows.dtype}{tuple(rows.shape[1:])}".encode()
-    data = rows.reshape(rows.shape[0], -1).view(torch.uint8).numpy()
-    return [hashlib.blake2b(tag + row.tobytes(), digest_size=16).digest() for row in data]
-
-
-def token_sets(input_ids: Tensor | Sequence[Sequence[int]], special_ids: Collection[int]) -> list[frozenset[int]]:
-    """Per prompt, its token ids (of the padded sequence) without the special tokens: T(p) in FT's token overlap."""
-    rows = input_ids.tolist() if isinstance(input_ids, Tensor) else input_ids
-    special = set(special_ids)
-    return [frozenset(row) - special for row in rows]
-
-
-@dataclass
-class Concepts:
-    """The erased concepts of a list of membranes, encoded once: what FT compares every prompt to."""
-
-    contexts: Tensor  # [K, L, d] float32, each concept's padded context, as the UNet would see it
-    tokens: list[frozenset[int]]  # T(c_k)
-    owner: Tensor  # [K] index of the membrane concept k belongs to
-    count: int  # number of membranes
-
-    @classmethod
-    def encode(cls, membranes: Sequence[Membrane], encoder: Encoder,
-               tokenize: Callable[[Sequence[str]], list[frozenset[int]]]) -> "Concepts":
-        texts = [c for m in membranes for c in m.concepts]
-        tokens = tokenize(texts)
-        empty = [t for t, s in zip(texts, tokens) if not s]
-        if empty:
-            raise ValueError(f"concept {empty[0]!r} has no word tokens; FT's token overlap divides by their number")
-        owner = torch.tensor([i for i, m in enumerate(membranes) for _ in m.concepts])
-        return cls(encoder(texts).embeddings.float(), tokens, owner, len(membranes))
-
-
-@torch.no_grad()
-def transport_strengths(contexts: Tensor, tokens: Sequence[frozenset[int] | None], concepts: Concepts,
-                        metric: Metric = "clipcos_tokenuni") -> Tensor:
-    """FT strengths [B, M] of M membranes for B prompts (methods.md §1.4), float32 on the CPU.
-
-    clipcos = cosine of the flattened padded contexts of prompt and concept; tokenuni = |T(p) ∩ T(c)| / |T(c)|;
-    "clipcos_tokenuni" takes their maximum; a membrane gets the maximum over its concepts. A prompt whose tokens
-    are None (unknown) is scored by clipcos alone, whatever the metric.
-    """
-    if metric not in ("clipcos_tokenuni", "clipcos", "tokenuni"):
-        raise ValueError(f"unknown FT metric {metric!r}: clipcos_tokenuni, clipcos or tokenuni")
-    if contexts.shape[1:] != concepts.contexts.shape[1:]:
-        raise ValueError(f"prompt contexts {tuple(contexts.shape[1:])} and concept contexts "
-                         f"{tuple(concepts.contexts.shape[1:])} differ in shape: encode both with the same model")
-    prompts = F.normalize(contexts.detach().float().cpu().flatten(1), dim=1, eps=1e-8)
-    directions = F.normalize(concepts.contexts.flatten(1), dim=1, eps=1e-8)
-    # Row by row: a prompt's gate must not depend on the prompts it is scored with (a GEMM over several rows rounds
-    # differently from one over a single row, and an image would then depend on its batch or on the gate cache).
-    clipcos = torch.stack([directions @ row for row in prompts]) if len(prompts) else prompts @ directions.T  # [B, K]
-    # Only the concepts' tokens can overlap, so multi-hot vectors over their union give the overlap as a matmul.
-    vocab = {t: j for j, t in enumerate(sorted(set().union(*concepts.tokens)))}
-    concept_hot = torch.zeros(len(concepts.tokens), len(vocab))
-    for k, toks in enumerate(concepts.tokens):
-        concept_hot[k, [vocab[t] for t in toks]] = 1
-    prompt_hot = torch.zeros(len(tokens), len(vocab))
-    for b, toks in enumerate(tokens):
-        prompt_hot[b, [vocab[t] for t in toks or () if t in vocab]] = 1
-    tokenuni = prompt_hot @ concept_hot.T / concept_hot.sum(1)
-    known = torch.tensor([t is not None for t in tokens])[:, None]
-    if metric == "clipcos":
-        score = clipcos
-    elif metric == "tokenuni":
-        score = torch.where(known, tokenuni, clipcos)
-    else:
-        score = torch.where(known, torch.maximum(clipcos, tokenuni), clipcos)
-    strengths = torch.full((len(tokens), concepts.count), float("-inf"))
-    return strengths.scatter_reduce(1, concepts.owner.expand_as(score), score, "amax")
 
 
 # --- combination ------------------------------------------------------------------------------------------------

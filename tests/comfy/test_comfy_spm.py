@@ -219,7 +219,7 @@ def test_concepts_input_for_files_without_prompts(loaded, membranes, spm_folder)
 def test_a_sampler_scores_each_distinct_prompt_once(comfy, loaded, spm_folder, monkeypatch, caplog):
     """A prompt list's conditioning (one prompt per batch item) and the empty negative, sampled by KSampler's code."""
     import nodes
-    from erasekit.nodes import membrane_adapter as spm_node
+    from erasekit.erasers.spm import transport as spm_transport
 
     model, clip = loaded
     gated, gated_clip = _load(model, clip, "circle.safetensors")
@@ -228,13 +228,13 @@ def test_a_sampler_scores_each_distinct_prompt_once(comfy, loaded, spm_folder, m
     positive = [[torch.cat([a[0], b[0]]), {"pooled_output": torch.cat([a[1]["pooled_output"],
                                                                        b[1]["pooled_output"]])}]]
     scored = []
-    original = spm_node.transport_strengths
+    original = spm_transport.transport_strengths
 
     def counting(contexts, tokens, concepts, metric="clipcos_tokenuni"):
         scored.extend(tokens)
         return original(contexts, tokens, concepts, metric)
 
-    monkeypatch.setattr(spm_node, "transport_strengths", counting)
+    monkeypatch.setattr(spm_transport, "transport_strengths", counting)
     latent = {"samples": torch.zeros(2, 4, 8, 8)}
     with caplog.at_level(logging.WARNING, logger="erasekit"), torch.inference_mode():
         (samples,) = nodes.common_ksampler(gated, 0, 3, 7.0, "euler", "normal", positive, [negative], latent)
@@ -390,7 +390,8 @@ def test_a_trained_membrane_loads_in_comfyuis_lora_loader(comfy_server, tiny_che
             str(node): {"class_type": "KSampler", "inputs": {
                 "model": model, "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "seed": 0,
                 "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            str(node + 1): {"class_type": "SaveLatent", "inputs": {"samples": [str(node), 0], "filename_prefix": prefix}},
+            str(node + 1): {"class_type": "SaveLatent",
+                            "inputs": {"samples": [str(node), 0], "filename_prefix": prefix}},
         }
 
     prompt = {

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from erasekit.erasers import spm
 from erasekit.erasers.erasure import FamilyMismatchError
 from erasekit.erasers.families import FAMILIES, UNetLayout
-from erasekit.erasers.spm import hooks as spm_diffusers
+from erasekit.erasers.spm import transport as spm_transport
 from erasekit.erasers.spm.hooks import (
     TransportFallbackWarning,
     attach_membranes,
@@ -20,7 +20,8 @@ from erasekit.erasers.spm.hooks import (
     membrane_gates,
     membrane_targets,
 )
-from erasekit.erasers.spm.membrane import Concepts, Membrane, MembraneFileError, MembraneLayer
+from erasekit.erasers.spm.membrane import Membrane, MembraneFileError, MembraneLayer
+from erasekit.erasers.spm.transport import Concepts
 
 SD15 = UNetLayout(FAMILIES["sd1"].num_res_blocks)
 SDXL = UNetLayout(FAMILIES["sdxl"].num_res_blocks)
@@ -368,8 +369,8 @@ def test_a_repeated_context_reuses_its_gates_until_it_changes_in_place(shapes_pi
     attach_membranes(shapes_pipe, membranes)
     context = shapes_pipe.encode(["a red circle", "a blue cross"])
     hashed = []
-    original = spm_diffusers.row_keys
-    monkeypatch.setattr(spm_diffusers, "row_keys", lambda rows: hashed.append(len(rows)) or original(rows))
+    original = spm_transport.row_keys
+    monkeypatch.setattr(spm_transport, "row_keys", lambda rows: hashed.append(len(rows)) or original(rows))
     first = _run(unet, x, context)
     calls = len(hashed)
     assert calls and torch.equal(_run(unet, x, context), first) and len(hashed) == calls  # no row hashed again
@@ -385,14 +386,14 @@ def test_gates_are_computed_once_per_prompt_in_a_pipeline_run(sd1_pipe, monkeypa
     membrane = _random_membrane(membrane_targets(sd1_pipe), ["circle"])
     attach_membranes(sd1_pipe, [membrane])
     calls = []
-    original = spm_diffusers.transport_strengths
+    original = spm_transport.transport_strengths
 
     def counting(contexts, tokens, concepts, metric):
         result = original(contexts, tokens, concepts, metric)
         calls.append(list(zip(tokens, result[:, 0].tolist())))
         return result
 
-    monkeypatch.setattr(spm_diffusers, "transport_strengths", counting)
+    monkeypatch.setattr(spm_transport, "transport_strengths", counting)
     with warnings.catch_warnings():
         warnings.simplefilter("error", TransportFallbackWarning)  # every context came from the text encoder
         sd1_pipe(["a red circle", "a blue cross"], num_inference_steps=3, height=8, width=8, output_type="latent")
