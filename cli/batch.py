@@ -45,6 +45,7 @@ from pathlib import Path
 from ..erasers.io.atomic import SUFFIX, write_atomic
 from ..erasers.io.prompt_lists import PromptItem
 from .comfy_server import ComfyClient, ComfyError
+from .pipelines import load_pipeline, parse_device
 
 MANIFEST = "manifest.jsonl"
 PNG_KEY = "erasekit_erasures"
@@ -379,7 +380,6 @@ def load_model(model: str | Path | None = None, device: str = "cpu") -> tuple[ob
     or StableDiffusionXLPipeline ("sdxl"), local files only, no safety checker; a shapes-world folder (default: the
     shipped one) → a ShapesPipeline ("shapes", CPU only). `name`: the folder's name, recorded in the manifest."""
     from ..shapes.model import WEIGHTS_DIR
-    from .pipelines import load_pipeline
 
     path = Path(WEIGHTS_DIR if model is None else model)
     parsed = torch_device(device)
@@ -394,8 +394,7 @@ def load_model(model: str | Path | None = None, device: str = "cpu") -> tuple[ob
 
 
 def torch_device(device: str):
-    from .pipelines import parse_device
-
+    """parse_device's torch device, its ValueError as a BatchError."""
     try:
         return parse_device(device)
     except ValueError as err:
@@ -480,79 +479,3 @@ def run_diffusers(items: list[PromptItem], out: Path, model: str | Path | None =
     finally:
         manifest.close()
     return summary
-
-
-# --- command line -----------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--prompts", required=True, metavar="FILE",
-                        help="a .csv with a 'prompt' column (optional: evaluation_seed, evaluation_guidance, "
-                             "categories; I2P's sd_seed / sd_guidance_scale) or a .txt, one prompt per line")
-    parser.add_argument("--out", required=True, metavar="DIR", help="images and manifest.jsonl; rerun to resume")
-    parser.add_argument("--backend", choices=("comfyui", "diffusers"), default="comfyui")
-    parser.add_argument("--seed", type=int, default=0, help="rows without a seed get SEED + their index (default 0)")
-    parser.add_argument("--start", type=int, default=0, help="first prompt (index from 0)")
-    parser.add_argument("--count", type=int, default=0, help="number of prompts (default: all from --start)")
-    comfy = parser.add_argument_group("comfyui backend")
-    comfy.add_argument("--workflow", metavar="WF.json", help="an API-format workflow (rules: erasekit.cli.batch)")
-    comfy.add_argument("--server", action="append", metavar="URL",
-                       help=f"a ComfyUI server; repeat to share the prompts among several (default {DEFAULT_SERVER})")
-    comfy.add_argument("--timeout", type=float, default=1800, help="seconds one prompt may take (default 1800)")
-    world = parser.add_argument_group("diffusers backend (the shapes world or a diffusers model folder)")
-    world.add_argument("--model", metavar="DIR",
-                       help="a diffusers SD1.x/SD2.x/SDXL folder (model_index.json; local files only) or a "
-                            "shapes-world model folder (default: the shipped shapes world)")
-    world.add_argument("--erasure", action="append", default=[], metavar="FILE",
-                       help="an EraseKit erasure (.safetensors) to apply; repeatable")
-    world.add_argument("--membrane", action="append", default=[], metavar="FILE",
-                       help="an SPM membrane (.safetensors) to apply with Facilitated Transport; repeatable")
-    world.add_argument("--steps", type=int,
-                       help=f"sampler steps (default: {DEFAULT_STEPS} on a diffusers folder, 10 on the shapes world)")
-    world.add_argument("--guidance", type=float, help="guidance scale for rows without one (default: the "
-                       "pipeline's: 7.5 for SD, 5 for SDXL, 4 on the shapes world)")
-    world.add_argument("--negative", metavar="TEXT", help="negative prompt for every image (default: none)")
-    world.add_argument("--width", type=int, help="image width, a multiple of 8 (diffusers folder; default: the "
-                       "model's)")
-    world.add_argument("--height", type=int, help="image height, a multiple of 8 (diffusers folder; default: the "
-                       "model's)")
-    world.add_argument("--device", help="torch device for a diffusers folder: cpu (default), cuda, cuda:1, ...")
-
-
-def command(args) -> int:
-    """`erasekit batch`: 0 when every prompt is done, 1 when some are missing (rerun to resume), 2 on bad input."""
-    from ..erasers.io.prompt_lists import read_prompt_file, select
-
-    comfy_only = [f"--{n}" for n in ("workflow", "server") if getattr(args, n)]
-    world_only = [f"--{n}" for n in ("model", "erasure", "membrane", "steps", "guidance", "negative", "width",
-                                     "height", "device") if getattr(args, n) is not None and getattr(args, n) != []]
-    try:
-        if args.backend == "comfyui" and (world_only or not args.workflow):
-            raise BatchError(f"{', '.join(world_only)}: only for --backend diffusers" if world_only else
-                             "--backend comfyui needs --workflow WF.json (an API-format workflow)")
-        if args.backend == "diffusers" and comfy_only:
-            raise BatchError(f"{', '.join(comfy_only)}: only for --backend comfyui")
-        items = select(read_prompt_file(args.prompts, args.seed), args.start, args.count)
-        if args.backend == "comfyui":
-            workflow = Workflow.load(args.workflow)
-            clients = [ComfyClient(url if "://" in url else f"http://{url}") for url in args.server or [DEFAULT_SERVER]]
-            summary = run_comfy(workflow, items, Path(args.out), clients, args.timeout)
-        else:
-            summary = run_diffusers(items, Path(args.out), args.model, args.erasure, args.membrane, args.steps,
-                                    args.guidance, negative=args.negative, width=args.width, height=args.height,
-                                    device=args.device or "cpu")
-    except (ValueError, OSError) as err:  # BatchError, prompt list, erasure and membrane files, missing model
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished prompts are kept in {args.out}: rerun the same command to resume",
-              file=sys.stderr)
-        return 130
-    done = summary.total - summary.missing
-    print(f"{done}/{summary.total} prompts done ({summary.generated} now, {summary.earlier} earlier) in {args.out}",
-          flush=True)
-    if summary.missing:
-        print(f"error: {summary.missing} prompts not generated; fix the error above and rerun the same command: "
-              "it resumes where this run stopped", file=sys.stderr)
-        return 1
-    return 0

@@ -99,7 +99,8 @@ class ComfyClient:
                 return response.read()
         except urllib.error.HTTPError as err:
             body = err.read().decode(errors="replace")
-            raise ComfyError(f"{path} answered HTTP {err.code}: {body}\n--- server log ---\n{self.log_tail()}") from None
+            raise ComfyError(f"{path} answered HTTP {err.code}: {body}\n"
+                             f"--- server log ---\n{self.log_tail()}") from None
 
     def get_json(self, path: str):
         return json.loads(self._request(path))
@@ -131,7 +132,8 @@ class ComfyClient:
             if entry and "status" not in entry and entry.get("outputs"):
                 return entry  # very old servers record no status
             time.sleep(0.25)
-        raise ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s\n--- server log ---\n{self.log_tail()}")
+        raise ComfyError(f"prompt {prompt_id} did not finish within {timeout:.0f} s\n"
+                         f"--- server log ---\n{self.log_tail()}")
 
     def run(self, prompt: dict, timeout: float = 600, extra_pnginfo: dict | None = None) -> dict:
         return self.wait(self.queue(prompt, extra_pnginfo), timeout)
@@ -146,7 +148,8 @@ class ComfyClient:
         for node_id in sorted(entry.get("outputs", {}), key=lambda k: int(k) if k.isdigit() else k):
             for image in entry["outputs"][node_id].get("images", []):
                 query = urllib.parse.urlencode(
-                    {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image.get("type", "output")}
+                    {"filename": image["filename"], "subfolder": image.get("subfolder", ""),
+                     "type": image.get("type", "output")}
                 )
                 found.append((image["filename"], self._request(f"/view?{query}")))
         return found
@@ -193,7 +196,8 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ComfyError(f"ComfyUI exited with code {self.process.returncode} while starting\n{self.client.log_tail()}")
+                raise ComfyError(f"ComfyUI exited with code {self.process.returncode} while starting\n"
+                                 f"{self.client.log_tail()}")
             try:
                 self.client.get_json("/system_stats")
                 break

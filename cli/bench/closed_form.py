@@ -41,7 +41,8 @@ def _reference_time(run: Callable[[dict[str, torch.Tensor]], object], weights: d
     total = fixed
     for names in by_shape.values():
         subset = {name: weights[name] for name in names[::8]}
-        total += max(_time(lambda: run(subset), 1, device, warmup=0) - fixed, 0.0) * len(names) / len(subset)
+        timed = _time(lambda subset=subset: run(subset), 1, device, warmup=0)
+        total += max(timed - fixed, 0.0) * len(names) / len(subset)
     return total
 
 
@@ -101,28 +102,31 @@ def closed_form_rows(family: str, counts=(1, 10, 50), repeats: int = 3, rece_epo
             pairs.add(_embeddings(1, width, i, device), _embeddings(1, width, 10_000, device))
         keys, guides = pairs.stacked()
 
-        def ours_uce():
+        # The closures below are timed within this iteration; the default arguments bind its values all the same.
+        def ours_uce(pairs=pairs):
             return solve.uce(weights, pairs, lam=0.5).layers()
 
         concepts = [_embeddings(77, width, 20_000 + i, device) for i in range(count)]
         guide_seq = _embeddings(77, width, 30_000, device)
         retain = _embeddings(77 * count, width, 40_000, device)
 
-        def ours_rece():
+        def ours_rece(pairs=pairs, concepts=concepts, guide_seq=guide_seq, count=count, retain=retain):
             edit = solve.uce(weights, pairs, lam=0.5)
             solve.rece(edit, concepts, [guide_seq] * count, epochs=rece_epochs, reg=0.1, retain=retain)
             return edit.layers()
 
-        def reference_uce(subset):
+        def reference_uce(subset, keys=keys, guides=guides):
             return ref.uce(subset, keys, guides, lam=0.5)
 
-        def reference_rece(subset):
+        def reference_rece(subset, keys=keys, guides=guides, concepts=concepts, guide_seq=guide_seq, count=count,
+                           retain=retain):
             start = ref.uce(subset, keys, guides, lam=0.5)
             return ref.rece(start, subset, concepts, [guide_seq] * count, epochs=rece_epochs, reg=0.1, retain=retain)
 
         layers = ours_uce()
         with tempfile.TemporaryDirectory() as tmp:
-            size = Erasure(layers=layers, method="uce", family=family, concepts=[]).save(Path(tmp) / "e.safetensors").stat().st_size
+            erasure = Erasure(layers=layers, method="uce", family=family, concepts=[])
+            size = erasure.save(Path(tmp) / "e.safetensors").stat().st_size
         yield {
             "family": family, "concepts": count,
             "text_encoding_s": _text_encoding_time(encoders, count, device),

@@ -98,12 +98,13 @@ class _Bench:
         for j in range(x.shape[0] // 2):
             m = strengths[2 * j].to(self.device)  # the prompt's strengths gate its negative too
 
-            def rebuild():
+            def rebuild(m=m):  # timed in this iteration; the default binds its m all the same
                 for path, stack in stacks.items():
                     self.targets[path].weight.copy_(self.originals[path] + stack.dense(m))
 
             rebuilds.append(seconds(rebuild, self.device) if stacks else 0.0)
-            calls.append(seconds(lambda: self.step(x[2 * j: 2 * j + 2], context[2 * j: 2 * j + 2]), self.device))
+            pair = slice(2 * j, 2 * j + 2)
+            calls.append(seconds(lambda pair=pair: self.step(x[pair], context[pair]), self.device))
         for path in stacks:
             self.targets[path].weight.copy_(self.originals[path])
         return statistics.mean(rebuilds), statistics.mean(calls)
@@ -121,7 +122,7 @@ class _Bench:
         for round_ in range(repeats + 1):  # round 0 warms everything up and is not counted
             plain_first = round_ % 2 == 1  # alternate, so that neither side always runs on a cache the other left
             if plain_first:
-                plain = seconds(lambda: self.step(x, context), self.device)
+                plain = seconds(lambda context=context: self.step(x, context), self.device)
             if count:
                 attach_membranes(self.pipe, membranes)
                 # Encoded again after attaching, through the hooked text encoder, so FT knows the tokens.
@@ -131,10 +132,10 @@ class _Bench:
             gates = membrane_gates(self.pipe, context) if count else torch.zeros(batch, 0)
             if count:
                 self.step(x, context)
-            ours = seconds(lambda: self.step(x, context), self.device)
+            ours = seconds(lambda context=context: self.step(x, context), self.device)
             detach_membranes(self.pipe)
             if not plain_first:
-                plain = seconds(lambda: self.step(x, context), self.device)
+                plain = seconds(lambda context=context: self.step(x, context), self.device)
             rebuild, reference = self.reference(x, context, gates, stacks)
             if round_:
                 for key, value in zip(times, (plain, ours, rebuild, reference)):

@@ -1,0 +1,65 @@
+"""`erasekit bench`: the benchmarks (cli/bench/), ours beside a reference and the ratio."""
+from __future__ import annotations
+
+import argparse
+
+from ..common import error
+from ..pipelines import parse_device
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks that print ours beside a reference and the ratio")
+    bench.add_argument("suite", choices=["closed-form", "spm"],
+                       help="closed-form: UCE/RECE edits vs the per-layer dense form; spm: UNet step time with SPM "
+                            "membranes (Facilitated Transport) vs the plain UNet and per-prompt merged weights")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="timed runs (median); closed-form references run once")
+    bench.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
+    closed = bench.add_argument_group("closed-form")
+    closed.add_argument("--family", nargs="+", choices=["sd15", "sdxl"], default=["sd15", "sdxl"])
+    closed.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 50])
+    spm = bench.add_argument_group("spm")
+    spm.add_argument("--membranes", nargs="+", type=int, default=[0, 1, 4, 16], help="membrane counts, one row each")
+    spm.add_argument("--batch", nargs="+", type=int, default=[2, 8],
+                     help="UNet batch sizes, even: B/2 images of a prompt and a negative prompt")
+    spm.add_argument("--latent", type=int, default=32, help="latent side (64 is a 512x512 image)")
+    spm.add_argument("--unet", choices=["tiny-sd15", "sd15"], default="tiny-sd15",
+                     help="tiny-sd15: SD1.5 widths on two levels, 107 M parameters; sd15: the full 860 M UNet")
+    spm.add_argument("--steps", type=int, default=30,
+                     help="sampler steps the reference's per-prompt rebuild is spread over (infer_spm.py: 30)")
+    spm.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    bench.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return _spm(args) if args.suite == "spm" else _closed_form(args)
+
+
+def _spm(args: argparse.Namespace) -> int:
+    """Print UNet step times with SPM membranes beside the plain UNet and the per-prompt merged reference."""
+    import torch
+
+    from ..bench.spm import run_spm
+
+    try:
+        device = parse_device(args.device)
+        run_spm(args.unet, args.membranes, args.batch, args.latent, args.repeats, args.steps, device,
+                getattr(torch, args.dtype))
+    except ValueError as err:
+        return error(err)
+    return 0
+
+
+def _closed_form(args: argparse.Namespace) -> int:
+    """Print our closed-form edit times beside the per-layer dense reference, the read-once time and file sizes."""
+    from ..bench.closed_form import run_closed_form
+
+    try:
+        device = parse_device(args.device)
+    except ValueError as err:
+        return error(err)
+    print(f"UCE/RECE on random weights of the real K/V shapes, float32 on {device}; RECE = UCE + 1 epoch. Ours: "
+          "medians; per-layer references: one run on every 8th layer (plus one on none, for the per-concept part), "
+          "scaled to all.", flush=True)
+    run_closed_form(tuple(args.family), tuple(args.concepts), args.repeats, device)
+    return 0
