@@ -51,6 +51,12 @@ SDXL_UNET_CONFIG = {
     "projection_class_embeddings_input_dim": 2816,
 }
 # What ComfyUI still detects as SD1.x: model_channels 320, context 768, a conv proj_in, no class embedding.
+# A smaller SD1.x-shaped UNet (one cross-attention level, 16/32 channels) for benchmark and kernel tests.
+SMALL_SD15_UNET_CONFIG = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                              down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
+                              attention_head_dim=2, norm_num_groups=8)
+
 TINY_SD15_UNET_CONFIG = {
     "sample_size": 64,
     "block_out_channels": (320, 640),
@@ -201,3 +207,36 @@ def random_membranes(targets: dict[str, torch.nn.Module], concepts: Sequence[str
             layers[path] = MembraneLayer(down, up, 1.0)
         membranes.append(Membrane(layers, [concept], 1.0))
     return membranes
+
+
+def random_open_clip_tower(width: int, layers: int, seed: int, vocab: int = 49408, projection: bool = True,
+                           mlp_ratio: int = 4) -> dict[str, torch.Tensor]:
+    """An open_clip text tower with scaled random weights (unit-ish activations through every layer)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+
+    sd = {
+        "token_embedding.weight": rnd(vocab, width),
+        "positional_embedding": rnd(77, width, std=0.01),
+        "ln_final.weight": 1 + rnd(width, std=0.1),
+        "ln_final.bias": rnd(width),
+        "logit_scale": torch.tensor(4.6),
+    }
+    if projection:
+        sd["text_projection"] = rnd(width, width)
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        sd.update({
+            p + "ln_1.weight": 1 + rnd(width, std=0.1), p + "ln_1.bias": rnd(width),
+            p + "ln_2.weight": 1 + rnd(width, std=0.1), p + "ln_2.bias": rnd(width),
+            p + "attn.in_proj_weight": rnd(3 * width, width, std=width ** -0.5),
+            p + "attn.in_proj_bias": rnd(3 * width),
+            p + "attn.out_proj.weight": rnd(width, width, std=width ** -0.5), p + "attn.out_proj.bias": rnd(width),
+            p + "mlp.c_fc.weight": rnd(mlp_ratio * width, width, std=width ** -0.5),
+            p + "mlp.c_fc.bias": rnd(mlp_ratio * width),
+            p + "mlp.c_proj.weight": rnd(width, mlp_ratio * width, std=(mlp_ratio * width) ** -0.5),
+            p + "mlp.c_proj.bias": rnd(width),
+        })
+    return sd

@@ -6,16 +6,13 @@ import torch
 
 from erasekit.cli.bench import spm as bench_spm
 from erasekit.cli.main import main
+from erasekit.testing.tiny_models import SMALL_SD15_UNET_CONFIG
 
 # SD1.x's 768-wide context (so membranes are of the SD1.x family) on a UNet of a few hundred thousand parameters.
-SMALL_SD1_UNET = dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
-                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768,
-                      attention_head_dim=2, norm_num_groups=8)
 
 
 def test_bench_spm_prints_a_row_per_batch_and_membrane_count(monkeypatch, capsys):
-    monkeypatch.setitem(bench_spm.UNETS, "tiny-sd15", SMALL_SD1_UNET)
+    monkeypatch.setitem(bench_spm.UNETS, "tiny-sd15", SMALL_SD15_UNET_CONFIG)
     assert main(["bench", "spm", "--membranes", "0", "3", "--batch", "2", "4", "--latent", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "warm-up" in out and "ref/ours" in out
@@ -32,7 +29,7 @@ def test_bench_spm_prints_a_row_per_batch_and_membrane_count(monkeypatch, capsys
 
 
 def test_bench_spm_restores_the_unet_after_the_reference(monkeypatch):
-    monkeypatch.setitem(bench_spm.UNETS, "tiny-sd15", SMALL_SD1_UNET)
+    monkeypatch.setitem(bench_spm.UNETS, "tiny-sd15", SMALL_SD15_UNET_CONFIG)
     bench = bench_spm._Bench("tiny-sd15", 2, torch.device("cpu"), torch.float32)
     before = {k: v.clone() for k, v in bench.unet.state_dict().items()}
     with torch.no_grad():

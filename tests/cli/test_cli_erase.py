@@ -339,18 +339,18 @@ def test_apply_to_a_diffusers_folder_merges_every_unet_copy(capsys, tmp_path, mi
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_erase_on_sd2_and_sdxl_layouts(capsys, tmp_path, family):
     """Single files with open_clip towers: the CLI finds the family, the towers and the context width."""
-    from test_text_encoders import _random_open_clip_tower  # tests/ is on sys.path (rootdir-less test modules)
+    from erasekit.testing.tiny_models import random_open_clip_tower
 
     width = {"sd2": 1024, "sdxl": 2048}[family]
     state = {UNET_PREFIX + k: v.half() for k, v in _micro_unet(width, seed=2).items()}
     if family == "sd2":
         state.update({f"cond_stage_model.model.{k}": v.half() for k, v in
-                      _random_open_clip_tower(1024, 2, seed=3).items()})
+                      random_open_clip_tower(1024, 2, seed=3).items()})
     else:
         state.update({f"conditioner.embedders.0.transformer.{k}": v.half() for k, v in _clip_l(1).items()
                       if not k.endswith("position_ids")})
         state.update({f"conditioner.embedders.1.model.{k}": v.half() for k, v in
-                      _random_open_clip_tower(1280, 2, seed=4).items()})
+                      random_open_clip_tower(1280, 2, seed=4).items()})
     path = write_checkpoint(tmp_path / f"micro-{family}.safetensors", state)
     del state
     out = tmp_path / "e.safetensors"

@@ -127,13 +127,12 @@ def test_add_to_on_cuda_matches_a_dense_reference(case):
 def test_a_cuda_batch_matches_each_sample_on_merged_weights(monkeypatch, ft):
     """Through the diffusers adapter (the kernel on every layer): each sample of a mixed batch is what that sample
     alone gives on W₀ + ΔW merged at its own gates."""
-    from test_bench_spm import SMALL_SD1_UNET
-
     from erasekit.cli.bench import spm as bench_spm
     from erasekit.erasers.spm.hooks import attach_membranes, detach_membranes, membrane_gates
     from erasekit.erasers.spm.membrane import stack_membranes
+    from erasekit.testing.tiny_models import SMALL_SD15_UNET_CONFIG
 
-    monkeypatch.setitem(bench_spm.UNETS, "tiny-sd15", SMALL_SD1_UNET)
+    monkeypatch.setitem(bench_spm.UNETS, "tiny-sd15", SMALL_SD15_UNET_CONFIG)
     # cuDNN's TF32 convolutions round differently at batch 6 and batch 1 (2.7e-4 apart, seen on an H200).
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     bench = bench_spm._Bench("tiny-sd15", 2, torch.device("cuda"), torch.float32)

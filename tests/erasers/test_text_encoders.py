@@ -20,6 +20,7 @@ import torch
 
 from erasekit.erasers.io import text_encoders as te
 from erasekit.erasers.text import TruncationWarning
+from erasekit.testing.tiny_models import random_open_clip_tower
 
 PROMPTS = ["a red circle", "", "Hello, World!! a cat's photo from 1990: über café"]  # no "(...)": ComfyUI weights it
 
@@ -28,37 +29,6 @@ def _comfy_tokenizer_dir(comfy) -> Path:
     return Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"
 
 
-def _random_open_clip_tower(width: int, layers: int, seed: int, vocab: int = 49408, projection: bool = True,
-                            mlp_ratio: int = 4) -> dict[str, torch.Tensor]:
-    """An open_clip text tower with scaled random weights (unit-ish activations through every layer)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape, std=0.02):
-        return torch.randn(*shape, generator=g) * std
-
-    sd = {
-        "token_embedding.weight": rnd(vocab, width),
-        "positional_embedding": rnd(77, width, std=0.01),
-        "ln_final.weight": 1 + rnd(width, std=0.1),
-        "ln_final.bias": rnd(width),
-        "logit_scale": torch.tensor(4.6),
-    }
-    if projection:
-        sd["text_projection"] = rnd(width, width)
-    for i in range(layers):
-        p = f"transformer.resblocks.{i}."
-        sd.update({
-            p + "ln_1.weight": 1 + rnd(width, std=0.1), p + "ln_1.bias": rnd(width),
-            p + "ln_2.weight": 1 + rnd(width, std=0.1), p + "ln_2.bias": rnd(width),
-            p + "attn.in_proj_weight": rnd(3 * width, width, std=width ** -0.5),
-            p + "attn.in_proj_bias": rnd(3 * width),
-            p + "attn.out_proj.weight": rnd(width, width, std=width ** -0.5), p + "attn.out_proj.bias": rnd(width),
-            p + "mlp.c_fc.weight": rnd(mlp_ratio * width, width, std=width ** -0.5),
-            p + "mlp.c_fc.bias": rnd(mlp_ratio * width),
-            p + "mlp.c_proj.weight": rnd(width, mlp_ratio * width, std=(mlp_ratio * width) ** -0.5),
-            p + "mlp.c_proj.bias": rnd(width),
-        })
-    return sd
 
 
 def _random_clip_l(layers: int, seed: int) -> dict[str, torch.Tensor]:
@@ -123,7 +93,7 @@ def test_open_clip_round_trip_agrees_with_comfyui(comfy, width, heads):
 
 
 def test_open_clip_conversion_options_and_errors():
-    tower = _random_open_clip_tower(64, 3, seed=1, vocab=100)
+    tower = random_open_clip_tower(64, 3, seed=1, vocab=100)
     tower["attn_mask"] = torch.zeros(77, 77)
     cut = te.open_clip_to_transformers(tower, layers=2, projection=False)
     assert te.transformers_layers(cut) == 2 and "text_projection.weight" not in cut
@@ -203,7 +173,7 @@ def _sd2_comparison(comfy, bpe_dir, layers: int, cut: bool):
     import comfy.sd2_clip
     import comfy.utils
 
-    tower = _random_open_clip_tower(1024, layers, seed=2)
+    tower = random_open_clip_tower(1024, layers, seed=2)
     checkpoint = {f"cond_stage_model.model.{k}": v.half() for k, v in tower.items()}
     with torch.no_grad():
         theirs = comfy.sd2_clip.SD2ClipModel()  # penultimate layer, final norm applied (ComfyUI's default)
@@ -245,7 +215,7 @@ def _sdxl_comparison(comfy, bpe_dir, layers_l: int, layers_g: int):
     import comfy.utils
 
     clip_l = {k: v.half() for k, v in _random_clip_l(layers_l, seed=3).items()}
-    clip_g = {k: v.half() for k, v in _random_open_clip_tower(1280, layers_g, seed=4).items()}
+    clip_g = {k: v.half() for k, v in random_open_clip_tower(1280, layers_g, seed=4).items()}
     with torch.no_grad():
         theirs = comfy.sdxl_clip.SDXLClipModel()  # both towers: penultimate layer, no final norm
         if layers_l < 12:
@@ -299,7 +269,7 @@ def _write_component(folder: Path, tower: dict[str, torch.Tensor], hidden_act: s
 def test_diffusers_folders_encode_like_single_files(tmp_path, bpe_dir):
     """SD2: diffusers keeps 23 of ViT-H's 24 layers (here 2 of 3) and takes the last hidden state, which is ComfyUI's
     penultimate one. SDXL: text_encoder_2 is bigG with its projection; without tokenizer_2/ the BPE files serve."""
-    h = {k: v.half() for k, v in _random_open_clip_tower(1024, 3, seed=8).items()}
+    h = {k: v.half() for k, v in random_open_clip_tower(1024, 3, seed=8).items()}
     single = te.encoder_from_checkpoint({f"cond_stage_model.model.{k}": v for k, v in h.items()}, "sd2",
                                         tokenizer_dir=bpe_dir)
     folder = tmp_path / "sd2"
@@ -309,7 +279,7 @@ def test_diffusers_folders_encode_like_single_files(tmp_path, bpe_dir):
     torch.testing.assert_close(diffusers(PROMPTS).embeddings, single(PROMPTS).embeddings, atol=1e-6, rtol=1e-6)
 
     clip_l = {k: v.half() for k, v in _random_clip_l(1, seed=9).items()}
-    g = {k: v.half() for k, v in _random_open_clip_tower(1280, 2, seed=10).items()}
+    g = {k: v.half() for k, v in random_open_clip_tower(1280, 2, seed=10).items()}
     state = {f"conditioner.embedders.0.transformer.{k}": v for k, v in clip_l.items()}
     state.update({f"conditioner.embedders.1.model.{k}": v for k, v in g.items()})
     single = te.encoder_from_checkpoint(state, "sdxl", tokenizer_dir=bpe_dir)
@@ -338,7 +308,7 @@ def test_missing_tower_is_a_clear_error():
 
 
 def test_wrong_tower_width_is_refused(bpe_dir):
-    tower = _random_open_clip_tower(64, 2, seed=5, vocab=49408)
+    tower = random_open_clip_tower(64, 2, seed=5, vocab=49408)
     state = {f"cond_stage_model.model.{k}": v for k, v in tower.items()}
     with pytest.raises(te.TextEncoderError, match="64 wide, not 1024"):
         te.encoder_from_checkpoint(state, "sd2", tokenizer_dir=bpe_dir)
