@@ -9,11 +9,9 @@ For sample b of a batch, a layer's output gains
 the same in one launch.
 
 Why a kernel: the torch form is six kernel launches and a few more dispatches per layer, and SPM puts a membrane
-on every one of SD1.5's 192 transformer layers. On an H200, where an eager SD1.5 UNet step is bound by the host
-issuing kernels (a step at batch 8 took 1.1× a step at batch 2), those launches doubled a step: about 40 ms added
-to the plain UNet's 38-46 ms at batch 8. One launch per layer issues in a third of the host time, which brought
-batch 8 from 1.5-2.0× to 2.65-2.85× faster per image than merging weights prompt by prompt (batching alone: 3.6×;
-README, Benchmarks).
+on every one of SD1.5's 192 transformer layers. An eager SD1.5 step on a GPU is bound by the host issuing kernels,
+so those launches cost about as much as the step itself; one launch per layer issues in a fraction of that host
+time (figures: docs/benchmarks.md, `erasekit bench spm`).
 
 The kernel adds into `out` in place and has no backward: it runs only where nothing needs a gradient (SPM's
 inference, not its training).

@@ -69,7 +69,7 @@ class SPMTrainConfig:
 
     @classmethod
     def shapes(cls, **overrides) -> "SPMTrainConfig":
-        """Defaults for the shapes world, sized for well under 15 minutes on 2 CPU cores (see SHAPES_DEFAULTS)."""
+        """Defaults for the shapes world, sized for the 15-minute training budget (see SHAPES_DEFAULTS)."""
         return cls(**{**SHAPES_DEFAULTS, **overrides})
 
     def validate(self) -> None:
@@ -97,16 +97,12 @@ class SPMTrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
-# Shapes-world defaults, measured on the 2,200-step world (toy UNet, 84 membrane modules); the membranes shipped
-# for the 4,000-step world were trained with them:
-# - ddim_steps 12: x_t comes from trajectories like the 10-step sampling the world is judged with, at 2.5× less cost
-#   than 30 (the rollout, k UNet calls on a CFG batch of 2, dominates an iteration).
-# - la_strength 100, lr 3e-3, 300 iterations (warm-up 50, the official 1/6 share), with the world's prompt contexts
-#   (shapes.methods.spm_contexts): the official β = 1000 holds the membrane at the identity here (circle: 100% still
-#   drawn at 300 iterations, lr 3e-3): a random anchor in this 64-wide text space overlaps any word's direction
-#   about 3.5× more than in CLIP-L's 768 (per-token |cos| ≈ √(2/πd): 0.10 against 0.029), so "leave random
-#   embeddings alone" also means "leave the concept alone". β = 0, 30 and 100 all erased circle (≤ 4% still drawn); 100 is the most
-#   anchoring that did. 300 iterations take 4.5-15 minutes on 1 thread of this machine, depending on what else runs.
+# Shapes-world defaults (why each differs from SD1.4's, with the runs behind them: docs/shapes-world.md, SPM):
+# - ddim_steps 12: x_t comes from trajectories like the 10-step sampling the world is judged with, and the rollout
+#   (k UNet calls on a CFG batch of 2) dominates an iteration's cost.
+# - la_strength 100 with the world's prompt contexts (shapes.methods.spm_contexts): in a 64-wide text space a random
+#   anchor overlaps any word's direction far more than in CLIP-L's 768, so the official β = 1000 also anchors the
+#   concept and holds the membrane at the identity; 100 is the most anchoring that still erased.
 SHAPES_DEFAULTS = dict(iterations=300, lr=3e-3, warmup=50, ddim_steps=12, la_strength=100.0, checkpoint_every=50)
 
 
@@ -439,5 +435,5 @@ def train_spm(pipe, target: str, positive: str | None = None, neutral: str = "",
     return membrane
 
 
-__all__ = ["SPMTrainConfig", "SHAPES_DEFAULTS", "SPMTrainer", "train_spm", "prompt_settings", "erase_target", "sample_anchors",
-           "anchor_batch", "resume_path"]
+__all__ = ["SPMTrainConfig", "SHAPES_DEFAULTS", "SPMTrainer", "train_spm", "prompt_settings", "erase_target",
+           "sample_anchors", "anchor_batch", "resume_path"]
