@@ -390,7 +390,8 @@ def test_a_trained_membrane_loads_in_comfyuis_lora_loader(comfy_server, tiny_che
             str(node): {"class_type": "KSampler", "inputs": {
                 "model": model, "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "seed": 0,
                 "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-            str(node + 1): {"class_type": "SaveLatent", "inputs": {"samples": [str(node), 0], "filename_prefix": prefix}},
+            str(node + 1): {"class_type": "SaveLatent",
+                            "inputs": {"samples": [str(node), 0], "filename_prefix": prefix}},
         }
 
     prompt = {
