@@ -4,7 +4,7 @@
     python3 scripts/dev.py demo      # the main job
     python3 scripts/dev.py test      # the whole test suite (extra arguments go to pytest)
     python3 scripts/dev.py lint      # ruff and the import contracts (pyproject.toml's [tool.importlinter]); CI runs it
-    python3 scripts/dev.py compat    # the library's fast tests under the newest transformers and diffusers
+    python3 scripts/dev.py compat    # the library's fast tests with the newest transformers and diffusers allowed
 
 It makes `.venv/` beside the repository (or $ERASEKIT_VENV), installs what is needed once, and skips the
 install on later runs unless this file or pyproject.toml changed (a stamp in the venv records their hash).
@@ -87,7 +87,7 @@ def compat(pytest_args: list[str]) -> int:
                               stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
     print(f"[erasekit] compatibility run with {versions}", flush=True)
     pytest = COMPAT_VENV / ("Scripts/pytest.exe" if os.name == "nt" else "bin/pytest")
-    return subprocess.run([str(pytest), *(pytest_args or COMPAT_TESTS)], cwd=ROOT).returncode
+    return subprocess.run([str(pytest), *COMPAT_TESTS, *pytest_args], cwd=ROOT).returncode
 
 
 def _quiet(cmd: list[str]) -> subprocess.CompletedProcess:
