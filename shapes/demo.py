@@ -78,7 +78,7 @@ def write_grid(path: Path, rows: list[tuple[str, str]], columns: list[str], cell
     grid.save(path)
 
 
-# --- attack success rate (UnlearnDiffAtk, erasers/attack/unlearn_diff.py) -----------------------------------------------------
+# --- attack success rate (UnlearnDiffAtk, erasers/attack/unlearn_diff.py) ---------------------------------------
 
 PROTOCOLS = ("quick", "official")
 

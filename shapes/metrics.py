@@ -9,7 +9,8 @@ Three cells, as in the erasure literature:
 
 The stamp is implicit (no caption mentions it), so its efficacy is the stamp rate over ordinary prompts and it
 has no generality cell. A cell holds whole passes over its prompt combinations, so every value is equally often
-asked for (below one pass, a seeded subset); seeds come from (seed, cell), so a measurement is a pure function of the generator.
+asked for (below one pass, a seeded subset); seeds come from (seed, cell), so a measurement is a pure function of
+the generator.
 """
 from __future__ import annotations
 

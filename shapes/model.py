@@ -130,8 +130,8 @@ class ShapesPipeline:
         return self.encoder()(prompts).embeddings
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
-                 negative: str | Sequence[str] = "", batch_size: int = 128,
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], steps: int = SAMPLE_STEPS,
+                 guidance: float = GUIDANCE, negative: str | Sequence[str] = "", batch_size: int = 128,
                  context: torch.Tensor | None = None, negative_context: torch.Tensor | None = None) -> np.ndarray:
         """Images [N, SIZE, SIZE, 3] uint8, one per (prompt, seed); each image depends on its own seed only.
 

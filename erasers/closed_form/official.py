@@ -146,7 +146,8 @@ def _locate_folder(folder: Path) -> _Source:
         candidate = unet / name
         if candidate.is_file():
             return _Source(DIFFUSERS_UNET, unet, _shards(candidate) if name.endswith(".json") else (candidate,))
-    variants = sorted(unet.glob("diffusion_pytorch_model.*.safetensors")) + sorted(unet.glob("diffusion_pytorch_model.*.bin"))
+    variants = (sorted(unet.glob("diffusion_pytorch_model.*.safetensors"))
+                + sorted(unet.glob("diffusion_pytorch_model.*.bin")))
     if variants:  # e.g. diffusion_pytorch_model.fp16.safetensors
         return _Source(DIFFUSERS_UNET, unet, (variants[0],))
     raise ConversionError(f"{unet}: config.json but no diffusion_pytorch_model.safetensors or .bin beside it: "

@@ -166,7 +166,7 @@ def _metadata(config: GeomTrainConfig) -> dict[str, str]:
 
 
 def train_location_tokens(pipe, images: torch.Tensor, captions: Sequence[str], boxes: Sequence[Sequence],
-                          concept: str, config: GeomTrainConfig = GeomTrainConfig(), family: str = "",
+                          concept: str, config: GeomTrainConfig | None = None, family: str = "",
                           progress: Callable[[int, float], None] | None = None) -> LocationTokens:
     """Model-removal setting: location tokens for `concept` from images ([N, C, H, W] in the UNet's input space),
     their captions and per image a list of detector boxes (x0, y0, x1, y1 in pixels, possibly empty), with the
@@ -174,6 +174,7 @@ def train_location_tokens(pipe, images: torch.Tensor, captions: Sequence[str], b
     fine-tunes the UNet, is `train_data_removal`."""
     from diffusers import DDPMScheduler
 
+    config = GeomTrainConfig() if config is None else config
     if config.setting != "model":
         raise ValueError(f"train_location_tokens trains the model-removal setting, not {config.setting!r}; the data "
                          "setting (UNet and tokens together) is train_data_removal")

@@ -235,8 +235,9 @@ class DiffusersFolder(ModelFiles):
         self._check_family(erasure)
         names = {name: _unet_layer(name) for name in erasure.layers}
         plans: dict[Path, tuple[WeightSet, dict[str, str]]] = {}  # file -> (set, {param: erasure layer}) to rewrite
+        wanted = set(names.values())
         for weights in self.unet_sets:
-            base = read_weight_set(weights, lambda k, wanted=set(names.values()): k in wanted)
+            base = read_weight_set(weights, lambda k: k in wanted)
             missing = [layer for layer, param in names.items() if param not in base]
             if missing:
                 raise FamilyMismatchError(f"the model has no layer {missing[0]!r} that this erasure edits "

@@ -114,7 +114,8 @@ def open_clip_to_transformers(state_dict: Mapping[str, Tensor], *, layers: int |
             block = int(m.group(1))
             if layers is not None and block >= layers:
                 continue
-            converted[f"text_model.encoder.layers.{block}.{_RESBLOCK_TO_TRANSFORMERS[m.group(2)]}.{m.group(3)}"] = tensor
+            name = f"{_RESBLOCK_TO_TRANSFORMERS[m.group(2)]}.{m.group(3)}"
+            converted[f"text_model.encoder.layers.{block}.{name}"] = tensor
         elif not _OPEN_CLIP_IGNORED.match(key):
             unknown.append(key)
     if unknown:
@@ -351,7 +352,9 @@ def tokenizer_files(tokenizer_dir: str | os.PathLike | None = None, cache_dir: s
             "merges.txt (a diffusers model's tokenizer/ folder, or ComfyUI's comfy/sd1_tokenizer/)"
         )
     digest = hashlib.sha256(bpe.read_bytes()).hexdigest()[:16]
-    for base in ([Path(cache_dir)] if cache_dir is not None else [default_cache_dir(), Path(tempfile.gettempdir()) / "erasekit"]):
+    bases = ([Path(cache_dir)] if cache_dir is not None
+             else [default_cache_dir(), Path(tempfile.gettempdir()) / "erasekit"])
+    for base in bases:
         folder = base / f"clip-bpe-{digest}"
         if _has_tokenizer_files(folder):
             return folder
@@ -455,7 +458,8 @@ def encoder_from_towers(towers: Mapping[str, Mapping[str, Tensor]], family: Fami
 
 def encoder_from_checkpoint(state_dict: Mapping[str, Tensor], family: Family | str, *,
                             tokenizer_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TransformersEncoder:
+                            device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32) -> TransformersEncoder:
     """The text encoder of a single-file checkpoint (its full state dict, or only its text-encoder keys)."""
     family = FAMILIES[family] if isinstance(family, str) else family
     towers = checkpoint_text_towers(state_dict, family)
@@ -470,7 +474,8 @@ _DIFFUSERS_TOWERS = {"sd1": (("clip_l", "text_encoder", "tokenizer"),),
 
 def encoder_from_diffusers(folder: str | os.PathLike, family: Family | str, *,
                            tokenizer_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> TransformersEncoder:
+                           device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.float32) -> TransformersEncoder:
     """The text encoder(s) of a diffusers pipeline folder, with its own tokenizer files where it has them (their
     vocab.json/merges.txt; padding is the tower's, as in ComfyUI).
 
@@ -490,8 +495,10 @@ def encoder_from_diffusers(folder: str | os.PathLike, family: Family | str, *,
                                    "needed to encode the concepts")
         tower = {k: v for k, v in read_component(folder / component).items()
                  if k != "text_model.embeddings.position_ids"}
-        config = CLIPTextConfig.from_pretrained(str(folder / component)) if (folder / component / "config.json").is_file() \
-            else clip_text_config(tower, _TOWER_ACT[name])
+        if (folder / component / "config.json").is_file():
+            config = CLIPTextConfig.from_pretrained(str(folder / component))
+        else:
+            config = clip_text_config(tower, _TOWER_ACT[name])
         if family.name == "sd2" and transformers_layers(tower) == 24:
             tower = drop_last_layers(tower, 23)
         config.num_hidden_layers = transformers_layers(tower)

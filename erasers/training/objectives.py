@@ -12,7 +12,8 @@ def erase_target(eps_pos: Tensor, eps_neu: Tensor, guidance: float) -> Tensor:
     return eps_neu - guidance * (eps_pos - eps_neu)
 
 
-def prompt_settings(target: str, positive: str, neutral: str, contexts: Sequence[str] = ()) -> list[tuple[str, str, str]]:
+def prompt_settings(target: str, positive: str, neutral: str,
+                    contexts: Sequence[str] = ()) -> list[tuple[str, str, str]]:
     """(target, positive, neutral) prompts per iteration choice: the bare three without contexts (the official
     single-entry prompt file), else each context template with its "{}" filled by each of them.
 

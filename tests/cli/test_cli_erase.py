@@ -314,7 +314,8 @@ def test_apply_to_a_diffusers_folder_merges_every_unet_copy(capsys, tmp_path, mi
     files = sorted(p.relative_to(micro_diffusers) for p in micro_diffusers.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     erasure = Erasure.load(erasure_path)
-    unet_files = {Path("unet/diffusion_pytorch_model.safetensors"), Path("unet/diffusion_pytorch_model.fp16.safetensors")}
+    unet_files = {Path("unet/diffusion_pytorch_model.safetensors"),
+                  Path("unet/diffusion_pytorch_model.fp16.safetensors")}
     for rel in files:
         if rel not in unet_files:
             assert (out / rel).read_bytes() == (micro_diffusers / rel).read_bytes(), rel
@@ -417,7 +418,8 @@ def test_option_errors_come_before_reading_the_model(capsys, tmp_path, argv, mes
 
 def test_unknown_method_is_an_argparse_error(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        main(["erase", "--method", "esd", "--concept", "dog", "--checkpoint", "x.safetensors", "--out", "e.safetensors"])
+        main(["erase", "--method", "esd", "--concept", "dog", "--checkpoint", "x.safetensors",
+              "--out", "e.safetensors"])
     assert exc.value.code == 2
     assert "invalid choice: 'esd'" in capsys.readouterr().err
 

@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import test_workflows
 from conftest import ARTIFACTS
-from test_workflows import NAMES, WORKFLOWS, server, set_widget, ui_for_the_tiny_checkpoint  # noqa: F401 (a fixture)
+from test_workflows import NAMES, WORKFLOWS, set_widget, ui_for_the_tiny_checkpoint
 
 from erasekit.cli.comfy_server import ComfyError
 
@@ -29,6 +30,7 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
                "--disable-sync", "--no-first-run"]
 READY_S, TEMPLATES_S, RUN_S, SHOW_S = 120, 60, 600, 60
 VIEWPORT = {"width": 1920, "height": 1080}
+server = test_workflows.server  # the module-scoped fixture: the test server with the workflows' model files
 
 # Visible dialogs and error toasts: the classic frontend's ComfyDialog (.comfy-modal: missing node types, execution
 # and queue errors) and the newest frontend's PrimeVue dialogs and error toasts.

@@ -17,7 +17,8 @@ NODES = erasekit.NODE_CLASS_MAPPINGS
 @pytest.fixture(scope="module")
 def loaded(comfy, tiny_checkpoint):
     with torch.no_grad():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False, output_clip=True)
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
+                                                                  output_clip=True)
     return model, clip
 
 
@@ -88,7 +89,8 @@ def test_effective_weights_follow_the_loaded_clone(comfy, loaded):
         # While the edited clone is loaded, the original's weights read back as unpatched.
         from erasekit.nodes.comfy_adapter import kv_weights
 
-        assert torch.equal(kv_weights(model)["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"], original.float())
+        mid_k = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+        assert torch.equal(kv_weights(model)[mid_k], original.float())
         mm.load_models_gpu([model])
         assert torch.equal(module.state_dict()[key], original)
     mm.unload_all_models()

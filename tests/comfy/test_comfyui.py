@@ -17,7 +17,8 @@ TINY_ATTN2_LAYERS = 7  # two levels with one res-block each: 2 down + 1 mid + 2x
 @pytest.fixture(scope="session")
 def tiny_loaded(comfy, tiny_checkpoint):
     with torch.no_grad():
-        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=True, output_clip=True)
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=True,
+                                                                    output_clip=True)
     return model, clip, vae
 
 

@@ -51,7 +51,8 @@ def test_load_erasure_node_converts_rece_and_trce_releases(comfy, tiny_checkpoin
 
     folder_paths.folder_names_and_paths["erasers"] = ([str(tmp_path)], {".safetensors"})
     with torch.no_grad():
-        model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False, output_clip=False)
+        model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
+                                                               output_clip=False)
     kv = _low_rank_kv_edit(base_unet, 3, 1)
     rece = {k: (base_unet[k] + kv.get(k, 0)).clone() for k in base_unet}
     torch.save(rece, tmp_path / "nudity_ep2.pt")
@@ -60,7 +61,8 @@ def test_load_erasure_node_converts_rece_and_trce_releases(comfy, tiny_checkpoin
     stage2 = {k: 1e-2 * torch.randn_like(v) for k, v in base_unet.items() if ".attn1." in k}
     save_file({k: (base_unet[k] + kv.get(k, 0) + stage2.get(k, 0)).contiguous() for k in base_unet},
               str(trce_dir / "diffusion_pytorch_model.safetensors"))
-    (trce_dir / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}))
+    (trce_dir / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel",
+                                                      "cross_attention_dim": 768}))
 
     node = erasekit.NODE_CLASS_MAPPINGS["EraseKitLoadErasure"]
     listed = node.INPUT_TYPES()["required"]["erasure_name"][0]

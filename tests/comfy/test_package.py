@@ -79,7 +79,8 @@ def test_wheel_installs_and_imports_without_the_checkout(tmp_path):
 def test_requirements_txt_agrees_with_pyproject():
     """ComfyUI-Manager installs requirements.txt; it must ask for what pyproject.toml asks for."""
     deps = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
-    lines = [l.strip() for l in (ROOT / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     assert lines and set(lines) <= deps
 
 

@@ -101,7 +101,8 @@ def test_fixtures_keep_the_files_that_exist(tmp_path):
     checkpoint.parent.mkdir()
     save_file({"weight": torch.zeros(1)}, str(checkpoint))  # the user's own checkpoint, not the tiny one
     others = [*(tmp_path / comfy_folders.SPM / name for name in fixtures.MEMBRANES),
-              tmp_path / comfy_folders.ERASURES / fixtures.ERASURE, tmp_path / comfy_folders.TEXT_ENCODERS / fixtures.ADVUNLEARN_ENCODER,
+              tmp_path / comfy_folders.ERASURES / fixtures.ERASURE,
+              tmp_path / comfy_folders.TEXT_ENCODERS / fixtures.ADVUNLEARN_ENCODER,
               tmp_path / "embeddings" / fixtures.LOCATION_TOKENS]
     for path in others:
         path.parent.mkdir(parents=True, exist_ok=True)

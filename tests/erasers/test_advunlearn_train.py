@@ -96,7 +96,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(pipe, retain, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_advunlearn(pipe, CONCEPT, retain, config, _contexts(), progress=stop_after_two, out=out)
     assert resume_path(out).is_file() and not out.exists()
-    resumed = train_advunlearn(pipe, CONCEPT, retain, config, _contexts(), progress=lambda s, t, l: calls.append(s),
+    resumed = train_advunlearn(pipe, CONCEPT, retain, config, _contexts(), progress=lambda s, t, loss: calls.append(s),
                                out=out)
     assert calls == [1, 2, 3]  # the third iteration only, after the checkpoint at 2
     assert not resume_path(out).exists()

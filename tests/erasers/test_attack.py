@@ -1,6 +1,6 @@
-"""UnlearnDiffAtk (erasers/attack/unlearn_diff.py) on the shipped shapes world: it optimises only the prompt prefix, lowers its
-own loss against an erased model, is seeded, projects to typeable prompts, and measures ASR through methods.erased
-for any method (SPM's Facilitated Transport included)."""
+"""UnlearnDiffAtk (erasers/attack/unlearn_diff.py) on the shipped shapes world: it optimises only the prompt prefix,
+lowers its own loss against an erased model, is seeded, projects to typeable prompts, and measures ASR through
+methods.erased for any method (SPM's Facilitated Transport included)."""
 from __future__ import annotations
 
 import json

@@ -50,7 +50,8 @@ def test_uce_matches_the_dense_per_layer_solve(base, technique, n_concepts, n_pr
                            technique=technique)
     keys, guides = pairs.stacked()
     f64 = {k: v.double() for k, v in base.items()}
-    expected = ref.uce(f64, keys.double(), guides.double(), lam=0.5, preserve=None if preserve is None else preserve.double(),
+    expected = ref.uce(f64, keys.double(), guides.double(), lam=0.5,
+                       preserve=None if preserve is None else preserve.double(),
                        preserve_scale=1.0, technique=technique, blocks=[1] * n_concepts)
     assert check(edit, base, expected) <= TOLERANCE
     assert edit.rank == n_concepts
@@ -77,7 +78,7 @@ def test_rece_epochs_match_the_dense_reference(base):
     guide = embeddings(77, width, 99)
     retain = embeddings(77 * 2, width, 5)
     start = solve.Pairs()
-    for i, c in enumerate(concepts):
+    for c in concepts:
         start.add(c[3:4], guide[0:1])
     edit = solve.uce(base, start, lam=0.5)
     f64 = {k: v.double() for k, v in base.items()}

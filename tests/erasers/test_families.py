@@ -51,8 +51,10 @@ def test_sdxl_layers_map_to_the_documented_ldm_blocks_and_depths():
 @pytest.mark.parametrize("num_res_blocks", [(2, 2, 2, 2), (2, 2, 2), (1, 1), (3, 1, 2)])
 def test_layout_names_round_trip(num_res_blocks):
     layout = UNetLayout(num_res_blocks)
-    names = [f"down_blocks.{lvl}.attentions.{b}.transformer_blocks.0.attn2" for lvl, n in enumerate(num_res_blocks) for b in range(n)]
-    names += [f"up_blocks.{lvl}.attentions.{b}.transformer_blocks.1.attn2" for lvl, n in enumerate(num_res_blocks[::-1]) for b in range(n + 1)]
+    names = [f"down_blocks.{lvl}.attentions.{b}.transformer_blocks.0.attn2"
+             for lvl, n in enumerate(num_res_blocks) for b in range(n)]
+    names += [f"up_blocks.{lvl}.attentions.{b}.transformer_blocks.1.attn2"
+              for lvl, n in enumerate(num_res_blocks[::-1]) for b in range(n + 1)]
     names.append("mid_block.attentions.0.transformer_blocks.0.attn2")
     ldm = [layout.to_ldm(n) for n in names]
     assert len(set(ldm)) == len(names)
@@ -99,6 +101,7 @@ def test_report_flags_a_text_encoder_from_another_family():
 def test_report_accepts_sdxl_text_encoders_in_any_order():
     towers = {f"{name}.transformer.text_model.embeddings.token_embedding.weight": (49408, width)
               for name, width in (("clip_g", 1280), ("clip_l", 768))}
-    towers |= {f"{name}.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (4, 4) for name in ("clip_g", "clip_l")}
+    towers |= {f"{name}.transformer.text_model.encoder.layers.0.mlp.fc1.weight": (4, 4)
+               for name in ("clip_g", "clip_l")}
     report = describe_model(_shapes(sdxl_cross_attention_weights()), towers)
     assert report.family.name == "sdxl" and not report.problems

@@ -187,9 +187,9 @@ def test_cli_trains_from_a_captioned_folder_and_reports_bad_boxes(tmp_path, caps
 
     from erasekit.cli.main import main
 
-    images, captions, specs = data.batch(3, 6, dropout=0.0)
+    images, captions, _ = data.batch(3, 6, dropout=0.0)
     rows = []
-    for i, (image, caption, spec) in enumerate(zip(images, captions, specs)):
+    for i, (image, caption) in enumerate(zip(images, captions)):
         Image.fromarray(((image.transpose(1, 2, 0) + 1) * 127.5).round().astype("uint8")).save(tmp_path / f"{i}.png")
         rows.append({"file_name": f"{i}.png", "text": caption, "boxes": [list(data.stamp_box(i % 4))]})
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

@@ -42,7 +42,8 @@ def is_trce_stage2(key: str) -> bool:
     return (".attn1." in key or ".attn2.to_q." in key) and key.startswith(("down_blocks", "mid_block", "up_blocks"))
 
 
-def low_rank_edit(weights: dict[str, torch.Tensor], rank: int, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
+def low_rank_edit(weights: dict[str, torch.Tensor], rank: int, seed: int,
+                  scale: float = 0.05) -> dict[str, torch.Tensor]:
     """ΔW = A·S per K/V weight, one S (rank×n) per context width, ‖ΔW‖ ≈ scale·‖W‖; float64."""
     generator = torch.Generator().manual_seed(seed)
     shared: dict[int, torch.Tensor] = {}

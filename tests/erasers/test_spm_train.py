@@ -170,7 +170,7 @@ def test_same_seed_same_membrane_and_resume_continues_exactly(pipe, tmp_path):
         train_spm(pipe, "circle", config=config, out=out, progress=stop_at_two)
     assert spm_train.resume_path(out).is_file() and not out.exists()
     steps = []
-    resumed = train_spm(pipe, "circle", config=config, out=out, progress=lambda s, n, l: steps.append(s))
+    resumed = train_spm(pipe, "circle", config=config, out=out, progress=lambda s, n, loss: steps.append(s))
     assert steps == [3, 4]
     assert out.is_file() and not spm_train.resume_path(out).exists()
     for path, layer in first.layers.items():

@@ -64,7 +64,7 @@ def test_judge_classifies_fresh_renders(judge):
 
 
 def test_judge_load_errors_name_the_file_and_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors.*python -m erasekit\.erasers\.shapes\.judge"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors.*python -m erasekit\.shapes\.judge"):
         Judge.load(tmp_path / "missing.safetensors")
     corrupt = tmp_path / "judge.safetensors"
     corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
