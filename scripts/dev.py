@@ -15,6 +15,7 @@ Standard library only: this runs before anything is installed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -47,7 +48,7 @@ def _stamp() -> str:
     digest = hashlib.sha256()
     for path in (Path(__file__).resolve(), ROOT / "pyproject.toml"):
         digest.update(path.read_bytes())
-    digest.update(str(ROOT).encode())  # the editable install points at this checkout
+    digest.update(str(ROOT).encode())  # the venv links this checkout
     return digest.hexdigest()
 
 
@@ -65,10 +66,61 @@ def ensure_env() -> Path:
     print("[erasekit] installing dependencies (first run takes a few minutes)", flush=True)
     _pip("--upgrade", "pip", "setuptools")
     _pip(*TORCH)
-    _pip("-e", f"{ROOT}[test,cli,lint]")
+    _pip(*_requirements("test", "cli", "lint"))
+    _link_checkout()
     _pip("--no-deps", COMFYUI_PACKAGE)
     stamp_file.write_text(_stamp())
     return _python()
+
+
+# Reads pyproject.toml inside the venv (tomllib from Python 3.11; tomli, installed first, on 3.10).
+_REQUIREMENTS = """
+import json, sys
+try:
+    import tomllib
+except ModuleNotFoundError:
+    import tomli as tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = project.get("optional-dependencies", {})
+print(json.dumps(project["dependencies"] + [r for name in sys.argv[2:] for r in extras[name]]))
+"""
+
+
+def _requirements(*extras: str, env: Path = VENV) -> list[str]:
+    """pyproject.toml's dependencies and those of `extras`."""
+    if sys.version_info < (3, 11):
+        _pip("tomli", env=env)
+    out = subprocess.run([str(_python(env)), "-c", _REQUIREMENTS, str(ROOT / "pyproject.toml"), *extras],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def _link_checkout(env: Path = VENV) -> None:
+    """Make `import erasekit` and the `erasekit` command use this checkout, as an editable install would.
+
+    Why not `pip install -e`: the repository root is the package (`package-dir = {"erasekit" = "."}`, so that the
+    same folder is a ComfyUI node pack), and setuptools warns on every editable install of such a layout. Instead a
+    link named `erasekit` to the checkout sits in a folder of the venv that a .pth file puts on sys.path, and the
+    command is a small script calling `erasekit.cli:main`, the entry point pyproject.toml declares. On Windows
+    (links need a privilege there, and commands are .exe launchers) it is the editable install."""
+    python = _python(env)
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "comfyui-erasekit"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # an earlier editable install, if any
+    if os.name == "nt":
+        _pip("--no-deps", "-e", str(ROOT), env=env)
+        return
+    folder = env / "erasekit-checkout"
+    folder.mkdir(exist_ok=True)
+    link = folder / "erasekit"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(ROOT, target_is_directory=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+    (Path(site) / "erasekit-checkout.pth").write_text(f"{folder}\n")
+    script = python.parent / "erasekit"
+    script.write_text(f"#!{python}\nimport sys\nfrom erasekit.cli import main\nsys.exit(main())\n")
+    script.chmod(0o755)
 
 
 def compat(pytest_args: list[str]) -> int:
@@ -80,7 +132,8 @@ def compat(pytest_args: list[str]) -> int:
     print("[erasekit] installing the newest transformers and diffusers", flush=True)
     _pip("--upgrade", "pip", "setuptools", env=COMPAT_VENV)
     _pip(*TORCH, env=COMPAT_VENV)
-    _pip("--upgrade", "-e", f"{ROOT}[test,cli]", *COMPAT_NEWEST, env=COMPAT_VENV)
+    _pip("--upgrade", *_requirements("test", "cli", env=COMPAT_VENV), *COMPAT_NEWEST, env=COMPAT_VENV)
+    _link_checkout(COMPAT_VENV)
     _pip("--no-deps", COMFYUI_PACKAGE, env=COMPAT_VENV)
     show = "import importlib.metadata as m, sys; print(', '.join(n + ' ' + m.version(n) for n in sys.argv[1:]))"
     versions = subprocess.run([str(_python(COMPAT_VENV)), "-c", show, "torch", *COMPAT_NEWEST],
