@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..erasers.io.clip_names import save_text_model
 from ..erasers.text import CONTEXT_TOKENS, TransformersEncoder
 from . import data
 
@@ -118,7 +119,7 @@ class ShapesPipeline:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         self.tokenizer.save_pretrained(path / "tokenizer")
-        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        save_text_model(self.text_encoder, path / "text_encoder")  # in file names under transformers 4 and 5
         self.unet.save_pretrained(path / "unet", safe_serialization=True)
         self.scheduler.save_pretrained(path / "scheduler")
 

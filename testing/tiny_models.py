@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..erasers.families import UNetLayout
 from ..erasers.io.checkpoints import checkpoint_from_diffusers, write_checkpoint
+from ..erasers.io.clip_names import file_state_dict
 
 if TYPE_CHECKING:
     from ..erasers.spm.membrane import Membrane
@@ -121,7 +122,7 @@ def build_tiny_sd15_checkpoint(path: str | os.PathLike, seed: int = 0, dtype: to
     state_dict = checkpoint_from_diffusers(
         unet=models.unet.state_dict(),
         vae=models.vae.state_dict(),
-        text_encoder=models.text_encoder.state_dict(),
+        text_encoder=file_state_dict(models.text_encoder),
         layout=UNetLayout((1, 1)),
     )
     del models

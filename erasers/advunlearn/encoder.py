@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ..families import FAMILIES, TOWER_WIDTH, FamilyError, family_from_context_dim, text_encoders
 from ..io.checkpoints import CheckpointError, read_checkpoint
+from ..io.clip_names import as_file_names, to_file_names
 from ..io.components import read_component
 from ..io.text_encoders import (
     CLIP_L_SD1,
@@ -89,7 +90,10 @@ def _read_folder(folder: Path):
         config = CLIPTextConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as err:
         raise TextEncoderError(f"{folder / 'config.json'} is not a readable CLIPTextConfig ({err})") from err
-    return read_component(folder), config
+    state = read_component(folder)
+    if not any(k.startswith(("text_model.", _TRAINING_PREFIX)) for k in state):
+        state = as_file_names(state)  # a CLIPTextModel folder that transformers 5's save_pretrained wrote
+    return state, config
 
 
 def _clip_text_tower(state: Mapping[str, Tensor], name: str, expected: int) -> dict[str, Tensor]:
@@ -182,7 +186,7 @@ def swap_text_encoder(pipe, encoder: AdvUnlearnEncoder, strength: float = 1.0) -
     own tensors are kept aside at the first swap, so a second swap blends from them and `restore_text_encoder`
     puts them back exactly."""
     text_encoder = _replaceable_text_encoder(pipe, encoder)
-    own = text_encoder.state_dict()  # tensors sharing storage with the parameters
+    own = to_file_names(text_encoder.state_dict(), text_encoder)  # tensors sharing storage with the parameters
     check_fits(encoder, {k: v.shape for k, v in own.items()}, "the pipeline's text encoder")
     originals: dict[str, Tensor] = getattr(text_encoder, _ORIGINALS, {})
     for key, new in encoder.state_dict.items():
@@ -198,7 +202,7 @@ def swap_text_encoder(pipe, encoder: AdvUnlearnEncoder, strength: float = 1.0) -
 def restore_text_encoder(pipe) -> None:
     """Put back the text-encoder tensors `swap_text_encoder` replaced, bit for bit."""
     text_encoder = pipe.text_encoder
-    own = text_encoder.state_dict()
+    own = to_file_names(text_encoder.state_dict(), text_encoder)
     for key, original in getattr(text_encoder, _ORIGINALS, {}).items():
         own[key].copy_(original)
     if hasattr(text_encoder, _ORIGINALS):

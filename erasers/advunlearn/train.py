@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attack import soft_prompt
+from ..io.clip_names import file_state_dict, load_file_state_dict, save_text_model, to_file_names
 from ..text import TransformersEncoder
 from ..training import resumable
 from ..training.objectives import erase_target, official_ddim, prompt_settings
@@ -274,18 +275,19 @@ class AdvUnlearnTrainer:
     def fingerprint(self) -> dict:
         config = {f.name: getattr(self.config, f.name) for f in fields(self.config) if f.name != "checkpoint_every"}
         return {"concept": self.concept, "contexts": self.contexts, "retain": len(self.retain), "config": config,
-                "encoder": {name: list(p.shape) for name, p in self.encoder.named_parameters()}}
+                "encoder": to_file_names({name: list(p.shape) for name, p in self.encoder.named_parameters()},
+                                         self.encoder)}
 
     def state_dict(self) -> dict:
         return {"fingerprint": self.fingerprint(), "step": self.step_count,
-                "encoder": {k: v.detach().cpu() for k, v in self.encoder.state_dict().items()},
+                "encoder": {k: v.detach().cpu() for k, v in file_state_dict(self.encoder).items()},
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                 "delta": self.delta, "order": self.order, "cursor": self.cursor}
 
     def load_state_dict(self, state: Mapping) -> None:
         if state["fingerprint"] != self.fingerprint():
             raise ValueError("the checkpoint is from a different run (other concept, prompts, settings or model)")
-        self.encoder.load_state_dict(state["encoder"])
+        load_file_state_dict(self.encoder, state["encoder"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.delta, self.order, self.cursor = state["delta"], state["order"], int(state["cursor"])
@@ -309,10 +311,10 @@ def _frozen(name: str) -> bool:
 
 
 def save_encoder(text_encoder, out: str | Path) -> Path:
-    """The released layout (config.json + pytorch_model.bin, fp32 as released) plus model.safetensors."""
-    out = Path(out)
-    text_encoder.save_pretrained(out, safe_serialization=True)
-    torch.save({k: v.detach().float().cpu().contiguous() for k, v in text_encoder.state_dict().items()},
+    """The released layout (config.json + pytorch_model.bin, fp32 as released) plus model.safetensors, in file names
+    (``text_model.*``) whichever transformers is installed."""
+    out = save_text_model(text_encoder, out)
+    torch.save({k: v.detach().float().cpu().contiguous() for k, v in file_state_dict(text_encoder).items()},
                out / "pytorch_model.bin")
     return out
 

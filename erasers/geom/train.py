@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..io.clip_names import to_model_names
 from ..text import CONTEXT_TOKENS
 from ..training.frozen import frozen
 from .negatives import LocationTokens, cells_of_box, parse_cells
@@ -105,7 +106,7 @@ def encode_with_tokens(text_encoder, ids: torch.Tensor, vectors: torch.Tensor) -
     """The text encoder's last hidden state for ids that may name the new tokens (ids ≥ vocabulary size)."""
     table = text_encoder.get_input_embeddings().weight
     weight = torch.cat([table, vectors.to(table.dtype)])
-    return torch.func.functional_call(text_encoder, {TOKEN_WEIGHT: weight}, (ids,))[0]
+    return torch.func.functional_call(text_encoder, to_model_names({TOKEN_WEIGHT: weight}, text_encoder), (ids,))[0]
 
 
 @dataclass

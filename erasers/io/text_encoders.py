@@ -35,6 +35,7 @@ from torch import Tensor
 from ..families import FAMILIES, TOWER_WIDTH, Family
 from ..text import CONTEXT_TOKENS, TransformersEncoder
 from .atomic import write_atomic
+from .clip_names import as_file_names, bytes_to_unicode, load_file_state_dict, text_transformer, to_file_names
 from .components import read_component
 
 END_TOKEN = 49407
@@ -211,7 +212,8 @@ def clip_text_config(state_dict: Mapping[str, Tensor], hidden_act: str, heads: i
 
 def build_clip_text_model(state_dict: Mapping[str, Tensor], config=None, *, hidden_act: str = "gelu",
                           dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """A transformers CLIP text model holding `state_dict` (transformers names), in eval mode.
+    """A transformers CLIP text model holding `state_dict` (file names, ``text_model.*``: see `clip_names`), in eval
+    mode.
 
     `CLIPTextModelWithProjection` when the state dict has ``text_projection.weight``, else `CLIPTextModel`. The model
     is created on the meta device and takes the tensors (converted to `dtype`) as its parameters, so no time goes
@@ -227,7 +229,7 @@ def build_clip_text_model(state_dict: Mapping[str, Tensor], config=None, *, hidd
         model = cls(config)
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing, unexpected = load_file_state_dict(model, state, strict=False, assign=True)
     except RuntimeError as err:  # shape mismatches
         raise TextEncoderError(f"the text encoder's weights do not fit its configuration: {str(err)[:400]}") from None
     missing = [k for k in missing if not k.endswith("position_ids")]
@@ -235,10 +237,11 @@ def build_clip_text_model(state_dict: Mapping[str, Tensor], config=None, *, hidd
         what = (f"missing {', '.join(missing[:3])}" if missing else "") + \
                (f" unexpected {', '.join(unexpected[:3])}" if unexpected else "")
         raise TextEncoderError(f"the text encoder's weights do not match a {cls.__name__}: {what.strip()}")
-    embeddings = model.text_model.embeddings
+    embeddings = text_transformer(model).embeddings
     positions = torch.arange(config.max_position_embeddings, device=device).expand((1, -1))
     embeddings.register_buffer("position_ids", positions, persistent=False)
-    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    leftover = list(to_file_names({name: t for name, t in [*model.named_parameters(), *model.named_buffers()]
+                                   if t.is_meta}, model))
     if leftover:
         raise TextEncoderError(f"the text encoder has no weights for {', '.join(leftover[:3])}")
     return model.eval().requires_grad_(False)
@@ -314,8 +317,6 @@ def bpe_to_tokenizer_files(bpe_path: str | os.PathLike, folder: str | os.PathLik
     The vocabulary is CLIP's: the 256 byte symbols, the same with the word-end mark ``</w>``, one token per merge
     in merge order, then ``<|startoftext|>`` and ``<|endoftext|>`` (49,408 entries). Files appear atomically.
     """
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
     lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
     merges = lines[1: _MERGES + 1]  # the first line is a version header
     if len(merges) != _MERGES or any(len(m.split()) != 2 for m in merges):
@@ -385,12 +386,8 @@ def _strip(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def _transformers_tower(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """A transformers-named CLIP-L under `prefix`; early SD1 files lack the ``text_model.`` level."""
-    tower = {}
-    for key, tensor in _strip(state_dict, prefix).items():
-        key = key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
-        if key != "text_model.embeddings.position_ids":
-            tower[key] = tensor
-    return tower
+    return {k: v for k, v in as_file_names(_strip(state_dict, prefix)).items()
+            if k != "text_model.embeddings.position_ids"}
 
 
 def checkpoint_text_towers(state_dict: Mapping[str, Tensor], family: Family | str) -> dict[str, dict[str, Tensor]]:
@@ -493,8 +490,8 @@ def encoder_from_diffusers(folder: str | os.PathLike, family: Family | str, *,
         if not (folder / component).is_dir():
             raise TextEncoderError(f"{folder} has no {component}/ folder: the {family.label} text encoder ({name}) is "
                                    "needed to encode the concepts")
-        tower = {k: v for k, v in read_component(folder / component).items()
-                 if k != "text_model.embeddings.position_ids"}
+        tower = {k: v for k, v in as_file_names(read_component(folder / component)).items()
+                 if k != "text_model.embeddings.position_ids"}  # as_file_names: a folder transformers 5 saved
         if (folder / component / "config.json").is_file():
             config = CLIPTextConfig.from_pretrained(str(folder / component))
         else:

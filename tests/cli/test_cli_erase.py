@@ -19,6 +19,7 @@ from erasekit.erasers.closed_form import recipes
 from erasekit.erasers.erasure import Erasure, LayerDelta
 from erasekit.erasers.families import UNetLayout
 from erasekit.erasers.io.checkpoints import UNET_PREFIX, read_checkpoint, write_checkpoint
+from erasekit.erasers.io.clip_names import file_state_dict, load_file_state_dict
 from erasekit.erasers.text import TransformersEncoder
 
 MICRO_LAYOUT = UNetLayout((1, 1))
@@ -57,7 +58,7 @@ def _clip_l(layers: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPTextModel(CLIPTextConfig(**{**CLIP_L_TEXT_CONFIG, "num_hidden_layers": layers}))
-    return model.state_dict()
+    return file_state_dict(model)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def reference_encoder(state: dict[str, torch.Tensor]) -> TransformersEncoder:
     text = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
     layers = 1 + max(int(k.split(".")[3]) for k in text if k.startswith("text_model.encoder.layers."))
     model = CLIPTextModel(CLIPTextConfig(**{**CLIP_L_TEXT_CONFIG, "num_hidden_layers": layers}))
-    model.load_state_dict(text, strict=False)
+    load_file_state_dict(model, text, strict=False)
     return TransformersEncoder([CLIPTokenizer.from_pretrained(_comfy_tokenizer_dir())], [model.eval()])
 
 

@@ -9,6 +9,7 @@ import torch
 import erasekit
 from erasekit.erasers.closed_form import recipes
 from erasekit.erasers.erasure import BaseMismatchWarning, Erasure, FamilyMismatchError
+from erasekit.erasers.io.clip_names import load_file_state_dict
 from erasekit.erasers.text import TransformersEncoder
 
 NODES = erasekit.NODE_CLASS_MAPPINGS
@@ -35,7 +36,7 @@ def transformers_encoder(comfy, tiny_checkpoint):
     tokenizer = CLIPTokenizer.from_pretrained(Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer")
     text = split_checkpoint(read_checkpoint(tiny_checkpoint)).text_encoder
     model = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT_CONFIG))
-    model.load_state_dict({k: v.float() for k, v in text.items()})
+    load_file_state_dict(model, {k: v.float() for k, v in text.items()})
     return TransformersEncoder([tokenizer], [model.eval()])
 
 

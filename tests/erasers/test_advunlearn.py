@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import erasekit
 from erasekit.erasers.advunlearn.encoder import load_advunlearn, restore_text_encoder, swap_text_encoder
+from erasekit.erasers.io.clip_names import file_state_dict, text_transformer
 from erasekit.erasers.io.text_encoders import TextEncoderError, build_clip_text_model
 
 NODE = "EraseKitLoadAdvUnlearn"
@@ -31,13 +32,13 @@ def _clip(seed: int, **config):
         torch.manual_seed(seed)
         model = CLIPTextModel(CLIPTextConfig(**{**TINY, **config})).eval()
     model.config.architectures = ["CLIPTextModel"]
-    embeddings = model.text_model.embeddings
+    embeddings = text_transformer(model).embeddings
     embeddings.register_buffer("position_ids", embeddings.position_ids.clone(), persistent=True)
     return model
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if k != POSITION_IDS}
+    return {k: v for k, v in file_state_dict(model).items() if k != POSITION_IDS}
 
 
 def _write_released(folder: Path, model, safetensors: bool = False) -> Path:
@@ -48,7 +49,7 @@ def _write_released(folder: Path, model, safetensors: bool = False) -> Path:
     if safetensors:
         save_file({k: v.contiguous() for k, v in _weights(model).items()}, folder / "model.safetensors")
     else:
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        torch.save(file_state_dict(model), folder / "pytorch_model.bin")
     return folder
 
 
@@ -59,9 +60,14 @@ class _CustomTextEncoder(torch.nn.Module):
     def __init__(self, text_encoder):
         super().__init__()
         self.text_encoder = text_encoder
-        self.embedding = text_encoder.text_model.embeddings
-        self.encoder = text_encoder.text_model.encoder
-        self.final_layer_norm = text_encoder.text_model.final_layer_norm
+        self.embedding = text_transformer(text_encoder).embeddings
+        self.encoder = text_transformer(text_encoder).encoder
+        self.final_layer_norm = text_transformer(text_encoder).final_layer_norm
+
+    def saved(self) -> dict[str, torch.Tensor]:
+        """Its state dict as the training script's file holds it (the CLIPTextModel under text_encoder.text_model.)"""
+        own = {f"text_encoder.{k}": v for k, v in file_state_dict(self.text_encoder).items()}
+        return {**{k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}, **own}
 
 
 # --- layouts -------------------------------------------------------------------------------------------------------
@@ -78,7 +84,7 @@ def test_every_layout_reads_as_the_same_encoder(tmp_path):
         "transformers .safetensors": tmp_path / "transformers.safetensors",
         "checkpoint .safetensors": tmp_path / "checkpoint.safetensors",
     }
-    torch.save(_CustomTextEncoder(model).state_dict(), paths["training .pt"])
+    torch.save(_CustomTextEncoder(model).saved(), paths["training .pt"])
     save_file({k: v.contiguous() for k, v in expected.items()}, paths["transformers .safetensors"])
     save_file({**{f"cond_stage_model.transformer.{k}": v.contiguous() for k, v in expected.items()},
                "model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}, paths["checkpoint .safetensors"])

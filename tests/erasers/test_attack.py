@@ -12,6 +12,7 @@ import torch
 
 from erasekit.erasers import attack
 from erasekit.erasers.attack import soft_prompt
+from erasekit.erasers.io.clip_names import text_transformer
 from erasekit.erasers.spm import hooks as spm_diffusers
 from erasekit.shapes import demo, methods, metrics
 from erasekit.shapes.judge import Judge
@@ -46,7 +47,7 @@ def rece_attack(pipe):
     needs from before and after it."""
     prompts, seeds, targets = _circle_probes(pipe, 3)
     # A caller's mixed requires_grad flags, to see them come back as they were.
-    pipe.text_encoder.text_model.final_layer_norm.requires_grad_(False)
+    text_transformer(pipe.text_encoder).final_layer_norm.requires_grad_(False)
     modules = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in modules.items()}
     flags = {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()}
@@ -63,7 +64,7 @@ def rece_attack(pipe):
     after = {name: m.state_dict() for name, m in modules.items()}
     yield dict(prompts=prompts, result=result, held_out=held_out, before=before, after=after, flags=flags,
                modules=modules)
-    pipe.text_encoder.text_model.final_layer_norm.requires_grad_(True)
+    text_transformer(pipe.text_encoder).final_layer_norm.requires_grad_(True)
 
 
 def test_attack_lowers_its_loss_on_held_out_draws(rece_attack):

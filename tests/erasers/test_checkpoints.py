@@ -16,6 +16,7 @@ import torch
 
 from erasekit.erasers.families import UNetLayout, cross_attention_layers
 from erasekit.erasers.io import checkpoints as ck
+from erasekit.erasers.io.clip_names import file_state_dict
 from erasekit.testing import tiny_models as tm
 
 # ComfyUI's unet_config for the tiny UNet, as its model detection reports it (checked in the load test).
@@ -162,7 +163,7 @@ def test_clip_l_conversion_drops_position_ids_and_adds_old_missing_level():
 
     config = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=77)
-    hf_sd = CLIPTextModel(config).state_dict()
+    hf_sd = file_state_dict(CLIPTextModel(config))
     with_ids = {**hf_sd, "text_model.embeddings.position_ids": torch.arange(77)[None]}
 
     ldm = ck.clip_l_transformers_to_ldm(with_ids)
@@ -455,7 +456,7 @@ def test_tiny_checkpoint_weights_equal_the_built_modules(comfy, tiny_in_comfy, t
 
     unet_sd = tiny_sources.unet.state_dict()
     vae_sd = tiny_sources.vae.state_dict()
-    clip_sd = tiny_sources.text_encoder.state_dict()
+    clip_sd = file_state_dict(tiny_sources.text_encoder)
 
     # Spot checks named by hand: an attention in the upper up level, the first up level's upsampler (after its
     # attention), a resnet shortcut, the mirrored VAE decoder, its 1x1-conv attention, a CLIP layer.

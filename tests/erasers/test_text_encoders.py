@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from erasekit.erasers.io import text_encoders as te
+from erasekit.erasers.io.clip_names import file_state_dict
 from erasekit.erasers.text import TruncationWarning
 from erasekit.testing.tiny_models import random_open_clip_tower
 
@@ -40,7 +41,7 @@ def _random_clip_l(layers: int, seed: int) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPTextModel(CLIPTextConfig(**{**CLIP_L_TEXT_CONFIG, "num_hidden_layers": layers}))
-    return {k: v for k, v in model.state_dict().items() if k != "text_model.embeddings.position_ids"}
+    return {k: v for k, v in file_state_dict(model).items() if k != "text_model.embeddings.position_ids"}
 
 
 def _cut_comfy_tower(tower, layers: int) -> None:
@@ -75,7 +76,7 @@ def test_open_clip_round_trip_agrees_with_comfyui(comfy, width, heads):
                             num_hidden_layers=2, num_attention_heads=heads, hidden_act="gelu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        reference = CLIPTextModelWithProjection(config).state_dict()
+        reference = file_state_dict(CLIPTextModelWithProjection(config))
     reference.pop("text_model.embeddings.position_ids", None)
 
     open_clip = te.transformers_to_open_clip(reference)
