@@ -387,7 +387,7 @@ def load_model(model: str | Path | None = None, device: str = "cpu") -> tuple[ob
         raise BatchError(f"--device {device}: the shapes world runs on the CPU only; --device is for a diffusers "
                          "model folder (one with model_index.json)")
     try:
-        pipe, kind = load_pipeline(path, parsed, sdxl=True)
+        pipe, kind = load_pipeline(path, parsed, kinds=("shapes", "sd", "sdxl"), user="batch")
     except ValueError as err:
         raise BatchError(str(err)) from None
     return pipe, kind, path.resolve().name

@@ -3,6 +3,7 @@ diffusers Stable Diffusion folder). Every command parses devices and loads pipel
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 
@@ -21,50 +22,67 @@ def parse_device(name: str):
     return device
 
 
-def load_pipeline(path: str | Path | None = None, device="cpu", *, sdxl: bool = False):
+# What each kind of model folder is, one and several.
+_KIND = {"shapes": "a shapes-world model", "sd": "an SD1.x/SD2.x pipeline", "sdxl": "an SDXL pipeline"}
+_KINDS = {"shapes": "the shapes world", "sd": "SD1.x/SD2.x pipelines", "sdxl": "SDXL pipelines"}
+
+
+def load_pipeline(path: str | Path | None = None, device="cpu", *, kinds: Collection[str] = ("shapes", "sd"),
+                  user: str = "this command"):
     """(pipeline, kind) for a model folder, local files only, no safety checker:
 
     - a shapes-world folder (default: the shipped one) → a ShapesPipeline, "shapes";
-    - a diffusers folder (model_index.json) of a StableDiffusionPipeline → "sd";
-    - of a StableDiffusionXLPipeline → "sdxl" when `sdxl`, else NotImplementedError (the trainers take SD1.x/SD2.x).
+    - a diffusers folder (model_index.json) of a StableDiffusionPipeline → "sd", of a StableDiffusionXLPipeline
+      → "sdxl".
+
+    `kinds` are those the caller (`user`, in the message) takes; another kind is refused before anything is loaded,
+    SDXL with NotImplementedError (the trainers do not handle its second tower yet), the rest with ValueError.
     """
     from ..shapes import model as shapes_model
 
     path = Path(shapes_model.WEIGHTS_DIR if path is None else path)
     device = parse_device(device) if isinstance(device, str) else device
     index = path / "model_index.json"
-    if index.is_file():
-        return _diffusers(path, json.loads(index.read_text(encoding="utf-8")), device, sdxl)
-    if (path / "unet" / "config.json").is_file() or path == Path(shapes_model.WEIGHTS_DIR):
+    config = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else None
+    kind = _kind(path, config, Path(shapes_model.WEIGHTS_DIR))
+    if kind not in kinds:
+        refused = NotImplementedError if kind == "sdxl" else ValueError
+        named = f" ({config['_class_name']})" if config else ""
+        raise refused(f"{path} is {_KIND[kind]}{named}; {user} supports "
+                      f"{' and '.join(_KINDS[k] for k in ('sd', 'sdxl', 'shapes') if k in kinds)}")
+    if kind == "shapes":
         pipe = shapes_model.ShapesPipeline.load(path)  # FileNotFoundError naming what is missing
         pipe.unet.to(device)
         pipe.text_encoder.to(device)
-        return pipe, "shapes"
-    raise ValueError(f"{path}: not a diffusers pipeline folder (model_index.json) nor a shapes-world model "
-                     "(unet/, text_encoder/, tokenizer/, scheduler/)")
-
-
-def _diffusers(path: Path, config: dict, device, sdxl: bool):
-    kind = str(config.get("_class_name", ""))
-    if not kind.startswith("StableDiffusion") or kind.startswith("StableDiffusion3"):
-        raise ValueError(f"{path} holds a {kind or 'pipeline of no named class'} (model_index.json): Stable "
-                         "Diffusion 1.x/2.x/XL folders are supported (StableDiffusionPipeline, "
-                         "StableDiffusionXLPipeline)")
-    if "XL" in kind:
-        if not sdxl:
-            raise NotImplementedError(f"{path} is an SDXL pipeline ({kind}); SPM training supports SD1.x/SD2.x "
-                                      "pipelines and the shapes world")
+        return pipe, kind
+    if kind == "sdxl":
         if not (config.get("text_encoder") or [None])[0]:
             raise ValueError(f"{path} is an SDXL pipeline without a first text encoder (a refiner?): give an SDXL "
                              "base model folder")
         from diffusers import StableDiffusionXLPipeline
 
-        pipe, kind = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True), "sdxl"
+        pipe = StableDiffusionXLPipeline.from_pretrained(path, local_files_only=True)
     else:
         from diffusers import StableDiffusionPipeline
 
-        pipe, kind = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                             local_files_only=True), "sd"
+        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                       local_files_only=True)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, kind
+
+
+def _kind(path: Path, config: dict | None, shipped: Path) -> str:
+    """"shapes", "sd" or "sdxl" for a model folder (its model_index.json `config`, if any), or a ValueError naming
+    what the folder must be."""
+    if config is None:
+        if (path / "unet" / "config.json").is_file() or path == shipped:
+            return "shapes"
+        raise ValueError(f"{path}: not a diffusers pipeline folder (model_index.json) nor a shapes-world model "
+                         "(unet/, text_encoder/, tokenizer/, scheduler/)")
+    name = str(config.get("_class_name", ""))
+    if not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3"):
+        raise ValueError(f"{path} holds a {name or 'pipeline of no named class'} (model_index.json): Stable "
+                         "Diffusion 1.x/2.x/XL folders are supported (StableDiffusionPipeline, "
+                         "StableDiffusionXLPipeline)")
+    return "sdxl" if "XL" in name else "sd"

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out}: a file is in the way; the encoder is written as a folder")
         device = parse_device(args.device)
-        pipe, kind = load_pipeline(args.model, device)
+        pipe, kind = load_pipeline(args.model, device, user="AdvUnlearn training")
         overrides = {name: value for name, value in (
             ("iterations", args.iterations), ("warmup", args.warmup), ("lr", args.lr), ("seed", args.seed),
             ("attack_steps", args.attack_steps), ("retain_weight", args.retain_weight),

@@ -71,7 +71,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _train(args)
-    except (OSError, ValueError) as err:  # GeomError is a ValueError: bad boxes, cells, files
+    except (NotImplementedError, OSError, ValueError) as err:  # GeomError is a ValueError: bad boxes, cells, files
         return error(err)
 
 
@@ -87,10 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     # Built (and so checked) before the model and the images are loaded: a bad option is refused at once.
     config = GeomTrainConfig(setting=setting, grid=args.grid, seed=args.seed,
                              **{**defaults, **{k: v for k, v in given.items() if v is not None}})
-    pipe, kind = load_pipeline(args.model)
-    if kind != "shapes":
-        raise ValueError(f"--model {args.model} is a diffusers {kind} pipeline folder; train-geom trains on a "
-                         "shapes-world model folder (unet/, text_encoder/, tokenizer/, scheduler/)")
+    pipe, _ = load_pipeline(args.model, kinds=("shapes",), user="train-geom (pixel-space models)")
     # In the data setting every caption is trained on and its words are dropped per step, so the shapes world's
     # captions come whole; the model setting keeps its earlier data.
     images, captions, boxes = (read_folder(args.data) if args.data else

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if out.suffix.lower() != ".safetensors":
             raise ValueError(f"--out {out.name}: membranes are written as .safetensors")
         device = parse_device(args.device)
-        pipe, kind = load_pipeline(args.model, device)
+        pipe, kind = load_pipeline(args.model, device, user="SPM training")
         overrides = {name: value for name, value in (("iterations", args.iterations), ("lr", args.lr),
                      ("la_strength", args.la_strength), ("seed", args.seed), ("ddim_steps", args.ddim_steps))
                      if value is not None}
