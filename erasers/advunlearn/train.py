@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from ..attack import soft_prompt
 from ..io.clip_names import file_state_dict, load_file_state_dict, save_text_model, to_file_names
 from ..text import TransformersEncoder
 from ..training import resumable
+from ..training.frozen import frozen
 from ..training.objectives import erase_target, official_ddim, prompt_settings
 from ..training.resumable import Progress, resume_path
 
@@ -123,11 +125,11 @@ class AdvUnlearnTrainer:
         self.device, self.dtype = weight.device, weight.dtype
 
         # E_0 never changes: every context it gives is computed once.
-        frozen = TransformersEncoder([self.tokenizer], [self.original])
-        self.e0_concepts = self._model(frozen(self.concepts).embeddings)
-        self.e0_neutrals = self._model(frozen(self.neutrals).embeddings)
-        self.e0_retain = self._model(frozen(self.retain).embeddings)
-        self.e0_empty = self._model(frozen([""]).embeddings)
+        encode_e0 = TransformersEncoder([self.tokenizer], [self.original])
+        self.e0_concepts = self._model(encode_e0(self.concepts).embeddings)
+        self.e0_neutrals = self._model(encode_e0(self.neutrals).embeddings)
+        self.e0_retain = self._model(encode_e0(self.retain).embeddings)
+        self.e0_empty = self._model(encode_e0([""]).embeddings)
         self.ids_clean = soft_prompt.prefixed_ids(self.tokenizer, self.concepts, 0)
         self.ids_attack = soft_prompt.prefixed_ids(self.tokenizer, self.concepts, config.attack_tokens)
         self.ids_retain = soft_prompt.prefixed_ids(self.tokenizer, self.retain, 0)
@@ -155,10 +157,8 @@ class AdvUnlearnTrainer:
         self.order = torch.randperm(len(self.retain), generator=self.generator)
         self.cursor = 0
         self.step_count = 0
-        self._requires_grad = {name: p.requires_grad for name, p in self.unet.named_parameters()}
-        self._training = self.unet.training
-        self.unet.requires_grad_(False)
-        self.unet.eval()
+        self._unet_held = ExitStack()  # the UNet held still for the run, restored on close
+        self._unet_held.enter_context(frozen(self.unet))
 
     def _model(self, context: Tensor) -> Tensor:
         return context.to(self.device, self.dtype)
@@ -294,9 +294,7 @@ class AdvUnlearnTrainer:
         self.step_count = int(state["step"])
 
     def close(self) -> None:
-        for name, p in self.unet.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
-        self.unet.train(self._training)
+        self._unet_held.close()
 
     def __enter__(self) -> "AdvUnlearnTrainer":
         return self

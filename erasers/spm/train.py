@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 
 from ..text import TransformersEncoder
 from ..training import resumable
+from ..training.frozen import frozen
 from ..training.objectives import erase_target, official_ddim, prompt_settings
 from ..training.resumable import Progress, resume_path
 from .hooks import membrane_targets
@@ -232,10 +234,8 @@ class SPMTrainer:
         self.step_count = 0
 
         # Freeze the base for the run (restored on close): no gradient, no dropout.
-        self._requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
-        self._training = unet.training
-        unet.requires_grad_(False)
-        unet.eval()
+        self._unet_held = ExitStack()
+        self._unet_held.enter_context(frozen(unet))
         self._handles = [module.register_forward_hook(self._hook(path)) for path, module in self.targets.items()]
 
     # --- membrane plumbing ---
@@ -288,9 +288,7 @@ class SPMTrainer:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        for name, p in self.unet.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
-        self.unet.train(self._training)
+        self._unet_held.close()
 
     def __enter__(self) -> "SPMTrainer":
         return self
