@@ -1,10 +1,11 @@
 """SPM membranes on a ComfyUI MODEL and CLIP, with Facilitated Transport (FT) decided per sample.
 
+The rules of FT, its token record and caches are erasers/spm/transport.py's, shared with the diffusers adapter;
+this module is the ComfyUI glue.
+
 How the gates reach the layers, the same way on the old (2024) and the newest ComfyUI. Everything is a patch on
 clones (ModelPatcher object patches, which both versions set when a model is loaded and undo when another clone of
 it is), so no weight is ever written and the input MODEL and CLIP stay as they were:
-The rules of FT, its token record and caches are erasers/spm/transport.py's, shared with the diffusers adapter;
-this module is the ComfyUI glue:
 1. The returned CLIP is a clone whose ``encode_from_tokens`` (old CLIPTextEncode) and ``encode_from_tokens_scheduled``
    (new CLIPTextEncode) record, per context row they return, the prompt's token ids (ComfyUI's tokens, less those
    of the empty prompt) in the process-wide `TOKEN_RECORD`. Its ``clone`` passes the recording on, so a

@@ -16,14 +16,6 @@ NODES = erasekit.NODE_CLASS_MAPPINGS
 
 
 @pytest.fixture(scope="module")
-def loaded(comfy, tiny_checkpoint):
-    with torch.no_grad():
-        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_checkpoint), output_vae=False,
-                                                                  output_clip=True)
-    return model, clip
-
-
-@pytest.fixture(scope="module")
 def transformers_encoder(comfy, tiny_checkpoint):
     """An independent encoder: transformers' CLIP on the checkpoint's text weights, ComfyUI's vocabulary files."""
     from pathlib import Path
