@@ -42,7 +42,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..erasers.io.atomic import SUFFIX, write_atomic
+from ..erasers.files import SUFFIX, write_atomic
 from ..erasers.io.prompt_lists import PromptItem
 from .comfy_server import ComfyClient, ComfyError
 from .pipelines import load_pipeline, parse_device

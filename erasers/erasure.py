@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
+from .errors import FileError, InputError
+
 FORMAT_VERSION = 1
 # Relative difference of base-weight norms above which the base is another model (fp16 rounding stays far below).
 FINGERPRINT_TOLERANCE = 1e-3
 
 
-class ErasureFileError(ValueError):
+class ErasureFileError(FileError):
     """An erasure file is missing, corrupt, or not an EraseKit erasure."""
 
 
@@ -175,7 +177,7 @@ class Erasure:
         )
 
 
-class FamilyMismatchError(ValueError):
+class FamilyMismatchError(InputError):
     """An erasure made for one model family was applied to another."""
 
 

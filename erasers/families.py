@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class Family:
@@ -37,7 +39,7 @@ FAMILIES = {
 _BY_CONTEXT = {f.context_dim: f for f in FAMILIES.values()}
 
 
-class FamilyError(ValueError):
+class FamilyError(InputError):
     """The model is not one EraseKit knows, or not the family an erasure was made for."""
 
 

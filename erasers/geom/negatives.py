@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputError
+
 FORMAT = "erasekit.geom_erasing"
 VERSION = "1"
 TENSOR_KEY = "emb_params"
@@ -36,7 +38,7 @@ DEFAULT_GRID = 3
 _THIRDS = (("top", "", "bottom"), ("left", "", "right"))  # plain words for the first/middle/last third
 
 
-class GeomError(ValueError):
+class GeomError(InputError):
     """A wrong grid cell, box, concept or embedding file, with what would be right."""
 
 

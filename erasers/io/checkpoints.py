@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import FileError
 from ..families import FamilyError, UNetLayout
 
 UNET_PREFIX = "model.diffusion_model."
@@ -34,7 +35,7 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileError):
     """A checkpoint file cannot be read or written, or its keys are not the layout a conversion expects."""
 
 

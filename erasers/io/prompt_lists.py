@@ -18,12 +18,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import FileError
+
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")
 MAX_SEED = 2**64 - 1  # ComfyUI's seed range
 
 
-class PromptListError(ValueError):
+class PromptListError(FileError):
     pass
 
 

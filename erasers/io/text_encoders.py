@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import FileError
 from ..families import FAMILIES, TOWER_WIDTH, Family
+from ..files import write_atomic
 from ..text import CONTEXT_TOKENS, TransformersEncoder
-from .atomic import write_atomic
 from .clip_names import as_file_names, bytes_to_unicode, load_file_state_dict, text_transformer, to_file_names
 from .components import read_component
 
@@ -52,7 +53,7 @@ CLIP_G_SDXL = "conditioner.embedders.1.model."
 _OPEN_CLIP_IGNORED = re.compile(r"^(?:logit_scale|attn_mask|visual\..*|logit_bias)$")
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(FileError):
     """A checkpoint's text encoders are missing, of the wrong kind, or their tokenizer cannot be built."""
 
 

@@ -1,0 +1,195 @@
+"""Reading and writing the files EraseKit owns, so that nothing a user has is lost or silently changed.
+
+- Writes are atomic: a temporary file beside the target, renamed over it, so a reader or a killed run never sees half
+  a file; a stray temporary file is named ``.<target>.<random>.tmp`` and `remove_stale_partials` clears it.
+- No write lands on one of its own inputs: the same path, a hard link to it, or a symlink to it (`refuse_inputs`).
+- Output files get the mode the umask gives a new file (``tempfile`` would make them 0600).
+- Every safetensors file EraseKit writes carries a content hash in its metadata (`HASH_KEY`): SHA-256 over each
+  tensor's name, dtype, shape and bytes and over the other metadata, in sorted order. `read_safetensors` checks it and
+  refuses a file changed since; files from other tools (no hash) load as before. It costs one pass over the tensors'
+  bytes (docs/benchmarks.md has the figure for 1 GB).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import FileError
+
+HASH_KEY = "erasekit_sha256"
+SUFFIX = ".tmp"  # of the temporary file beside the target, named ".<target name>.<random>.tmp"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paths
+
+
+def readable_file(path: str | os.PathLike, what: str = "file", fix: str | None = None) -> Path:
+    """`path` as an existing, readable regular file, or a FileError saying which of those it is not."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise FileError(f"{what} {path} is a folder, not a file" + (f": {fix}" if fix else ""))
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FileError(f"{what} {path} does not exist" + (f": {fix}" if fix else "")) from None
+    except PermissionError:
+        raise FileError(f"{what} {path} cannot be read (permission denied): give this user read access to it, "
+                        "e.g. chmod u+r") from None
+    except OSError as err:
+        raise FileError(f"{what} {path} cannot be read ({err.strerror or err})") from None
+    return path
+
+
+def refuse_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], *, option: str = "--out") -> None:
+    """Raise if writing `out` would replace one of `inputs`: the same path, a hard link or a symlink to it."""
+    out = Path(out)
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source)
+        if _same_file(out, source):
+            raise FileError(f"{option} {out} is one of this command's inputs ({source}); writing there would "
+                            "destroy it: choose another output path")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.resolve() == b.resolve():
+            return True
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def new_file_mode() -> int:
+    """The permission bits a new regular file gets under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary files an interrupted write of `path` left beside it; return what was removed."""
+    path = Path(path)
+    removed = []
+    if path.parent.is_dir():
+        for stray in path.parent.glob(f".{_glob_escape(path.name)}.*"):
+            if stray.suffix in (SUFFIX, ".partial") and stray.is_file():
+                stray.unlink(missing_ok=True)
+                removed.append(stray)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _writable_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FileError(f"cannot create the output folder {folder} ({err.strerror or err}): choose another "
+                        "output path") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise FileError(f"cannot write into {folder} (permission denied): choose another output path or make the "
+                        "folder writable")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str, *, inputs: Iterable = ()) -> Path:
+    """Write `data` (str as UTF-8) to `path` atomically, with the umask's mode, never over one of `inputs`."""
+    path = Path(path)
+    return _write_with(path, lambda out: out.write(data.encode("utf-8") if isinstance(data, str) else data), inputs)
+
+
+def _write_with(path: Path, write, inputs: Iterable) -> Path:
+    refuse_inputs(path, inputs)
+    _writable_folder(path.parent)
+    remove_stale_partials(path)
+    try:
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=SUFFIX)
+    except OSError as err:
+        raise FileError(f"cannot write {path} ({err.strerror or err})") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            write(out)
+        os.chmod(partial, new_file_mode())
+        os.replace(partial, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FileError(f"no space left to write {path}: free some space or choose another output path") from None
+        raise FileError(f"cannot write {path} ({err.strerror or err})") from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return path
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                      *, inputs: Iterable = ()) -> Path:
+    """Save `tensors` with `metadata` and its content hash, atomically, with the umask's mode."""
+    from safetensors.torch import save
+
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
+    metadata = {k: v for k, v in metadata.items() if k != HASH_KEY}
+    metadata[HASH_KEY] = content_hash(tensors, metadata)
+    data = save(tensors, metadata=metadata)
+    return _write_with(Path(path), lambda out: out.write(data), inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "file",
+                     fix: str | None = None) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file, on the CPU; a FileError naming the file when it is missing,
+    unreadable, truncated or malformed, or when its EraseKit content hash no longer matches."""
+    from safetensors import SafetensorError, safe_open
+
+    path = readable_file(path, what, fix)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as err:
+        raise FileError(f"{path}: not a readable .safetensors file ({str(err)[:200]}); it may be truncated or "
+                        "corrupt: copy, download or write it again") from None
+    verify_hash(path, metadata, tensors)
+    return metadata, tensors
+
+
+def verify_hash(path, metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raise if `metadata` carries an EraseKit content hash that `tensors` and `metadata` no longer match."""
+    stored = metadata.get(HASH_KEY)
+    if stored is None:
+        return
+    if content_hash(tensors, metadata) != stored:
+        raise FileError(file=path, key=HASH_KEY, expected="the content hash EraseKit wrote",
+                        found="a different content: the file was changed or damaged after it was written",
+                        fix="write or copy it again from its source")
+
+
+def content_hash(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """SHA-256 over the tensors (name, dtype, shape, bytes) and the metadata other than the hash, in sorted order."""
+    digest = hashlib.sha256()
+    others = {k: v for k, v in metadata.items() if k != HASH_KEY}
+    digest.update(json.dumps(others, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"\0{key}\0{str(tensor.dtype)}\0{list(tensor.shape)}\0".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
