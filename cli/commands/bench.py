@@ -9,9 +9,11 @@ from ..pipelines import parse_device
 
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks that print ours beside a reference and the ratio")
-    bench.add_argument("suite", choices=["closed-form", "spm"],
+    bench.add_argument("suite", choices=["closed-form", "spm", "files"],
                        help="closed-form: UCE/RECE edits vs the per-layer dense form; spm: UNet step time with SPM "
-                            "membranes (Facilitated Transport) vs the plain UNet and per-prompt merged weights")
+                            "membranes (Facilitated Transport) vs the plain UNet and per-prompt merged weights; "
+                            "files: writing and reading with EraseKit's file rules (content hash, atomic write) vs "
+                            "plain safetensors")
     bench.add_argument("--repeats", type=int, default=3,
                        help="timed runs (median); closed-form references run once")
     bench.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
@@ -28,11 +30,25 @@ def register(subparsers) -> None:
     spm.add_argument("--steps", type=int, default=30,
                      help="sampler steps the reference's per-prompt rebuild is spread over (infer_spm.py: 30)")
     spm.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    filesize = bench.add_argument_group("files")
+    filesize.add_argument("--size-mb", type=int, default=1024, help="payload in MiB (float32)")
     bench.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "files":
+        return _files(args)
     return _spm(args) if args.suite == "spm" else _closed_form(args)
+
+
+def _files(args: argparse.Namespace) -> int:
+    """Print write/read times with EraseKit's file rules beside plain safetensors."""
+    from ..bench.files import run_files
+
+    if args.size_mb < 1:
+        return error(ValueError(f"--size-mb must be at least 1, got {args.size_mb}"))
+    run_files(args.size_mb, args.repeats)
+    return 0
 
 
 def _spm(args: argparse.Namespace) -> int:
