@@ -91,8 +91,7 @@ class Erasure:
                 f"{self._name()}was made for the {self.family} family and cannot apply to a {family} "
                 f"model: compute or load an erasure for {family}"
             )
-        if base_weights:
-            self.check_fits({name: tuple(weight.shape) for name, weight in base_weights.items()})
+        self.check_fits({name: tuple(weight.shape) for name, weight in base_weights.items()})
         if not self.base_fingerprint:
             return
         names = list(self.layers)
