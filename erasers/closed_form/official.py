@@ -450,7 +450,7 @@ def _check_values(source: _Source, tensors: Mapping[str, Tensor], base: Mapping[
     for where, weights, wanted in ((source.path.name, tensors, lambda key: True),
                                    ("the base", base, lambda key: editable(key) and key in tensors)):
         for key, tensor in weights.items():
-            if not wanted(key):
+            if not wanted(key) or tensor.is_meta:
                 continue
             if not tensor.is_floating_point():
                 raise ConversionError(file=where, key=key, expected="a floating-point tensor",
