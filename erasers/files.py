@@ -39,6 +39,8 @@ SUFFIX = ".tmp"  # of the temporary file beside the target, named ".<target name
 
 def readable_file(path: str | os.PathLike, what: str = "file", fix: str | None = None) -> Path:
     """`path` as an existing, readable regular file, or a FileError saying which of those it is not."""
+    if not isinstance(path, (str, os.PathLike)):  # ComfyUI's get_full_path gives None for a vanished file
+        raise FileError(f"no {what} given (found {path!r})" + (f": {fix}" if fix else ""))
     path = Path(path)
     try:
         if path.is_dir():
