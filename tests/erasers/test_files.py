@@ -101,6 +101,11 @@ def test_any_erasekit_key_without_the_hash_is_refused(tmp_path):
         read_safetensors(tmp_path / "e.safetensors")
 
 
+def test_no_path_at_all_is_a_file_error_not_a_type_error():
+    with pytest.raises(FileError, match="no location-token file given"):
+        read_safetensors(None, "location-token file")
+
+
 def test_loaded_tensors_do_not_change_when_the_file_is_rewritten_in_place(tmp_path):
     path = write_safetensors(tmp_path / "e.safetensors", {"a": torch.ones(4096)}, {})
     _, tensors = read_safetensors(path)
