@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -164,6 +165,8 @@ class Erasure:
     def load(cls, path: str | Path) -> "Erasure":
         """An erasure file, checked whole: metadata keys and types, every tensor float, finite, of sane magnitude,
         factors paired and rank-consistent, no stray tensors. Any problem is an ErasureFileError naming it."""
+        if isinstance(path, (str, os.PathLike)) and not os.path.lexists(path):
+            raise ErasureFileError(f"{path}: no such erasure file")
         try:
             meta, tensors = read_safetensors(path, "erasure file")
             if "erasekit_format" not in meta:
