@@ -35,6 +35,7 @@ def attach(pipe_or_unet, erasure: Erasure, strength: float = 1.0) -> None:
     params = dict(unet.named_parameters())
     base = {f"unet.{n}": originals.get(n, params[n]) for n in (k.removeprefix("unet.") for k in erasure.layers)
             if n in params}
+    # Refused whole before any weight changes: a misfit found halfway would leave the UNet half-erased.
     erasure.check_base(unet_family(unet), base)
     for name, delta in erasure.layers.items():
         path = name.removeprefix("unet.")

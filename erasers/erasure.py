@@ -14,6 +14,8 @@ File format (.safetensors, format version 1):
 from __future__ import annotations
 
 import json
+import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import FileError, InputError
+from .errors import FileError, InputError, check_json, check_strings, check_tensor, retyped
+from .files import read_safetensors, write_safetensors
 
 FORMAT_VERSION = 1
 # Relative difference of base-weight norms above which the base is another model (fp16 rounding stays far below).
@@ -79,14 +82,17 @@ class Erasure:
     preserve: list[str] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     base_fingerprint: list[float] = field(default_factory=list)
+    source: str | None = field(default=None, compare=False, repr=False)  # the file it was loaded from
 
     def check_base(self, family: str, base_weights: Mapping[str, torch.Tensor]) -> None:
-        """Raise if `family` differs; warn if the base weights are not the ones this erasure was computed on."""
+        """Raise if `family` differs or the erasure does not fit `base_weights` (every layer it edits, by erasure
+        layer name); warn if the base weights are not the ones this erasure was computed on."""
         if family != self.family:
             raise FamilyMismatchError(
-                f"this {self.method} erasure was made for the {self.family} family and cannot apply to a {family} "
+                f"{self._name()}was made for the {self.family} family and cannot apply to a {family} "
                 f"model: compute or load an erasure for {family}"
             )
+        self.check_fits({name: tuple(weight.shape) for name, weight in base_weights.items()})
         if not self.base_fingerprint:
             return
         names = list(self.layers)
@@ -104,10 +110,26 @@ class Erasure:
                 stacklevel=2,
             )
 
-    def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+    def check_fits(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Raise ErasureMisfitError naming the first layer the model (`shapes`: weight shapes by erasure layer name)
+        lacks or whose shape differs from the erasure's delta: applied anyway, such a delta is dropped with only a
+        log line and the image is not erased at all."""
+        for name, delta in self.layers.items():
+            if name not in shapes:
+                raise ErasureMisfitError(
+                    f"{self._name()}edits layer {name!r}, which the model does not have: the erasure was made for "
+                    "another model architecture; compute or load an erasure for this model")
+            if tuple(shapes[name]) != tuple(delta.shape):
+                raise ErasureMisfitError(
+                    f"{self._name()}does not fit the model: layer {name!r} is {_shape(delta.shape)} in the erasure "
+                    f"but {_shape(shapes[name])} in the model (the erasure was made for another model, e.g. another "
+                    "context width); compute or load an erasure for this model")
 
-        path = Path(path)
+    def _name(self) -> str:
+        return f"erasure {self.source} " if self.source else f"this {self.method} erasure "
+
+    def save(self, path: str | Path, *, inputs=()) -> Path:
+        """Write the erasure (atomically, with its content hash); `inputs` are files the write must not replace."""
         tensors: dict[str, torch.Tensor] = {}
         groups: dict[int, int] = {}  # id(down) -> group index
         layer_groups: dict[str, int] = {}
@@ -132,53 +154,147 @@ class Erasure:
             "layer_groups": json.dumps(layer_groups),
             "layers": json.dumps(list(self.layers)),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=metadata)
-        return path
+        # What load refuses is never written: a diverged solve must fail here, not in the user's next session.
+        try:
+            _check_layout(path, metadata, tensors)
+        except InputError as err:
+            raise retyped(err, ErasureFileError) from None
+        return write_safetensors(path, tensors, metadata, inputs=inputs)
 
     @classmethod
     def load(cls, path: str | Path) -> "Erasure":
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.is_file():
+        """An erasure file, checked whole: metadata keys and types, every tensor float, finite, of sane magnitude,
+        factors paired and rank-consistent, no stray tensors. Any problem is an ErasureFileError naming it."""
+        if isinstance(path, (str, os.PathLike)) and not os.path.lexists(path):
             raise ErasureFileError(f"{path}: no such erasure file")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ErasureFileError(f"{path}: not a readable .safetensors file ({err}); the file may be truncated: "
-                                   "copy or download it again") from None
-        if "erasekit_format" not in meta:
-            raise ErasureFileError(
-                f"{path}: a .safetensors file without EraseKit metadata. If it is an official UCE, RECE, TRCE or SPM "
-                "file, convert it with `erasekit convert` (or the Load Official Erasure node)."
-            )
-        if int(meta["erasekit_format"]) > FORMAT_VERSION:
-            raise ErasureFileError(f"{path}: erasure format {meta['erasekit_format']} is newer than this EraseKit "
-                                   f"reads ({FORMAT_VERSION}): upgrade erasekit")
-        layer_groups = json.loads(meta["layer_groups"])
-        layers = {}
-        for name in json.loads(meta["layers"]):
-            if name in layer_groups:
-                layers[name] = LayerDelta(up=tensors[f"{name}.up"], down=tensors[f"groups.{layer_groups[name]}.down"])
-            else:
-                layers[name] = LayerDelta(dense=tensors[f"{name}.diff"])
-        return cls(
-            layers=layers,
-            method=meta["method"],
-            family=meta["family"],
-            concepts=json.loads(meta["concepts"]),
-            guide=json.loads(meta["guide"]),
-            preserve=json.loads(meta["preserve"]),
-            params=json.loads(meta["params"]),
-            base_fingerprint=json.loads(meta["base_fingerprint"]),
-        )
+            meta, tensors = read_safetensors(path, "erasure file")
+            if "erasekit_format" not in meta:
+                raise ErasureFileError(
+                    f"{path}: a .safetensors file without EraseKit metadata. If it is an official UCE, RECE, TRCE or "
+                    "SPM file, convert it with `erasekit convert` (or the Load Official Erasure node)."
+                )
+            fields, layers = _check_layout(path, meta, tensors)
+        except InputError as err:
+            raise retyped(err, ErasureFileError) from None
+        return cls(layers=layers, source=str(path), **fields)
+
+
+def _shape(shape) -> str:
+    return "×".join(str(int(n)) for n in shape)
+
+
+# Largest |value| an erasure tensor may hold: deltas of attention weights (|W| ~ 1) are far smaller; beyond this the
+# file is corrupt, and float16 ComfyUI weights (max 65504) would turn it into Inf.
+MAX_ABS = 1e4
+_STRING_LISTS = ("concepts", "guide", "preserve", "layers")
+
+
+def _check_layout(path, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor]):
+    """(fields for Erasure, layers) of an erasure's metadata and tensors, or a FileError naming the first problem."""
+    _check_format(path, meta)
+    for key in ("method", "family"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise FileError(file=path, key=key, expected="a non-empty string",
+                            found=repr(meta.get(key)) if key in meta else "no such metadata key",
+                            fix="the file is corrupt or not an EraseKit erasure: write it again")
+    for key in (*_STRING_LISTS, "params", "base_fingerprint", "layer_groups"):
+        if key not in meta:
+            raise FileError(file=path, key=key, expected="this metadata key", found="none",
+                            fix="the file is corrupt or not an EraseKit erasure: write it again")
+    lists = {key: check_strings(path, key, meta[key]) for key in _STRING_LISTS}
+    params = check_json(path, "params", meta["params"], dict, "a JSON object")
+    names = lists.pop("layers")
+    groups = _check_groups(path, meta["layer_groups"], names)
+    fingerprint_ = _check_fingerprint(path, meta["base_fingerprint"], len(names))
+    layers = _layers(path, names, groups, tensors)
+    fields = dict(method=meta["method"], family=meta["family"], params=params, base_fingerprint=fingerprint_, **lists)
+    return fields, layers
+
+
+def _check_format(path, meta: Mapping[str, str]) -> None:
+    raw = meta.get("erasekit_format")
+    if not isinstance(raw, str) or not raw.isdigit() or not 1 <= int(raw) <= 10**6:
+        raise FileError(file=path, key="erasekit_format", expected=f"a format version 1..{FORMAT_VERSION}",
+                        found=repr(raw), fix="the file is corrupt: write it again")
+    if int(raw) > FORMAT_VERSION:
+        raise FileError(f"{path}: erasure format {raw} is newer than this EraseKit reads ({FORMAT_VERSION}): "
+                        "upgrade erasekit")
+
+
+def _check_groups(path, text, names: list[str]) -> dict[str, int]:
+    if not names:
+        raise FileError(file=path, key="layers", expected="at least one layer", found="[]",
+                        fix="the file is corrupt: write it again")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise FileError(file=path, key="layers", expected="each layer once", found=f"{twice!r} twice")
+    groups = check_json(path, "layer_groups", text, dict, "a JSON object {layer: group number}")
+    for name, group in groups.items():
+        if name not in names:
+            raise FileError(file=path, key="layer_groups", expected="only layers listed under 'layers'",
+                            found=f"{name!r}", fix="the file is corrupt: write it again")
+        if not isinstance(group, int) or isinstance(group, bool) or not 0 <= group < len(names):
+            raise FileError(file=path, key="layer_groups", expected=f"group numbers 0..{len(names) - 1}",
+                            found=f"{group!r} for {name!r}", fix="the file is corrupt: write it again")
+    return groups
+
+
+def _check_fingerprint(path, text, count: int) -> list[float]:
+    norms = check_json(path, "base_fingerprint", text, list, "a JSON list of numbers")
+    if norms and len(norms) != count:
+        raise FileError(file=path, key="base_fingerprint", expected=f"{count} norms (one per layer) or none",
+                        found=f"{len(norms)}", fix="the file is corrupt: write it again")
+    for norm in norms:
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not math.isfinite(norm) or norm < 0:
+            raise FileError(file=path, key="base_fingerprint", expected="finite norms ≥ 0", found=repr(norm),
+                            fix="the file is corrupt: write it again")
+    return [float(norm) for norm in norms]
+
+
+def _layers(path, names: list[str], groups: Mapping[str, int],
+            tensors: Mapping[str, torch.Tensor]) -> dict[str, LayerDelta]:
+    used: set[str] = set()
+
+    def tensor(key: str, ndim: int | tuple[int, ...], role: str) -> torch.Tensor:
+        if key not in tensors:
+            raise FileError(file=path, key=key, expected=f"the {role} tensor", found="no such tensor",
+                            fix="the file is incomplete or corrupt: write it again")
+        value = tensors[key]
+        dims = (ndim,) if isinstance(ndim, int) else ndim
+        check_tensor(path, key, value, max_abs=MAX_ABS)
+        if value.ndim not in dims:
+            raise FileError(file=path, key=key, expected=f"{' or '.join(map(str, dims))} dimensions ({role})",
+                            found=f"shape {list(value.shape)}", fix="the file is corrupt: write it again")
+        used.add(key)
+        return value
+
+    layers: dict[str, LayerDelta] = {}
+    for name in names:
+        if name in groups:
+            up = tensor(f"{name}.up", 2, f"up factor (out×rank) of {name}")
+            down = tensor(f"groups.{groups[name]}.down", 2, f"shared down factor (rank×in) of {name}")
+            if up.shape[1] != down.shape[0]:
+                raise FileError(file=path, key=f"{name}.up",
+                                expected=f"rank {down.shape[0]} (the rows of groups.{groups[name]}.down)",
+                                found=f"shape {list(up.shape)}, rank {up.shape[1]}",
+                                fix="the file is corrupt: write it again")
+            layers[name] = LayerDelta(up=up, down=down)
+        else:
+            layers[name] = LayerDelta(dense=tensor(f"{name}.diff", (1, 2), f"dense delta of {name}"))
+    stray = sorted(set(tensors) - used)
+    if stray:
+        raise FileError(file=path, key=stray[0], expected="only tensors of the layers listed under 'layers'",
+                        found=f"{len(stray)} other tensor(s)", fix="the file is corrupt: write it again")
+    return layers
 
 
 class FamilyMismatchError(InputError):
     """An erasure made for one model family was applied to another."""
+
+
+class ErasureMisfitError(FamilyMismatchError):
+    """An erasure's layers are not the model's: missing, or of another shape."""
 
 
 def fingerprint(base_weights: Mapping[str, torch.Tensor]) -> list[float]:

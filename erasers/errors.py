@@ -14,6 +14,7 @@ The method-specific errors (ErasureFileError, CheckpointError, PromptListError, 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -120,3 +121,38 @@ def check_tensor(file, key: str, tensor, *, shape: Sequence[int | None] | None =
             raise FileError(file=file, key=key, expected=f"magnitudes ≤ {max_abs:g}", found=f"{largest:.3g}",
                             fix="the file is corrupt or not of this kind")
     return tensor
+
+
+def retyped(err: InputError, kind: type[InputError]) -> InputError:
+    """`err` as a `kind` (a subclass naming the kind of file), same message and fields, so callers that catch the
+    method's error also catch what the shared readers raised."""
+    if isinstance(err, kind):
+        return err
+    new = kind(str(err))
+    new.file, new.key, new.expected, new.found, new.fix = err.file, err.key, err.expected, err.found, err.fix
+    return new
+
+
+def check_json(file, key: str, text, kind: type, what: str):
+    """`text` (metadata under `key`) parsed as JSON into a value of Python type `kind`; a FileError otherwise."""
+    if not isinstance(text, str):
+        raise FileError(file=file, key=key, expected=what, found=type(text).__name__)
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise FileError(file=file, key=key, expected=f"{what} (JSON)", found=f"text that is not JSON: {text[:60]!r}",
+                        fix="the file is corrupt: write it again") from None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise FileError(file=file, key=key, expected=what, found=f"{type(value).__name__} {text[:60]!r}",
+                        fix="the file is corrupt: write it again")
+    return value
+
+
+def check_strings(file, key: str, text) -> list[str]:
+    """A metadata JSON list of strings."""
+    value = check_json(file, key, text, list, "a JSON list of strings")
+    bad = [item for item in value if not isinstance(item, str)]
+    if bad:
+        raise FileError(file=file, key=key, expected="a JSON list of strings", found=f"an item {bad[0]!r}",
+                        fix="the file is corrupt: write it again")
+    return value

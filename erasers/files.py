@@ -8,6 +8,10 @@
   tensor's name, dtype, shape and bytes and over the other metadata, in sorted order. `read_safetensors` checks it and
   refuses a file changed since; files from other tools (no hash) load as before. It costs one pass over the tensors'
   bytes (docs/benchmarks.md has the figure for 1 GB).
+- Such a file also carries `WRITER_KEY` (the EraseKit version that wrote it). A file with any ``erasekit_`` key but no
+  hash is refused: deleting the hash must not turn a changed file into a "foreign" one that loads unchecked.
+- Tensors read are copies, never views of the file's memory map: a file replaced or rewritten in place after loading
+  cannot change what was loaded.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import torch
 from .errors import FileError
 
 HASH_KEY = "erasekit_sha256"
+WRITER_KEY = "erasekit_writer"
+OURS = "erasekit_"  # prefix of every metadata key EraseKit writes itself
 SUFFIX = ".tmp"  # of the temporary file beside the target, named ".<target name>.<random>.tmp"
 
 
@@ -33,6 +39,8 @@ SUFFIX = ".tmp"  # of the temporary file beside the target, named ".<target name
 
 def readable_file(path: str | os.PathLike, what: str = "file", fix: str | None = None) -> Path:
     """`path` as an existing, readable regular file, or a FileError saying which of those it is not."""
+    if not isinstance(path, (str, os.PathLike)):  # ComfyUI's get_full_path gives None for a vanished file
+        raise FileError(f"no {what} given (found {path!r})" + (f": {fix}" if fix else ""))
     path = Path(path)
     try:
         if path.is_dir():
@@ -144,6 +152,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     metadata = {k: v for k, v in metadata.items() if k != HASH_KEY}
+    metadata[WRITER_KEY] = _writer()
     metadata[HASH_KEY] = content_hash(tensors, metadata)
     data = save(tensors, metadata=metadata)
     return _write_with(Path(path), lambda out: out.write(data), inputs)
@@ -151,6 +160,13 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
+
+
+def _writer() -> str:
+    # Imported here: the package's __init__ imports the nodes, which import this module.
+    from .. import __version__
+
+    return f"erasekit {__version__}"
 
 
 def read_safetensors(path: str | os.PathLike, what: str = "file",
@@ -163,7 +179,8 @@ def read_safetensors(path: str | os.PathLike, what: str = "file",
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            # safetensors maps the file: without a copy, rewriting it in place would change these tensors.
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as err:
         raise FileError(f"{path}: not a readable .safetensors file ({str(err)[:200]}); it may be truncated or "
                         "corrupt: copy, download or write it again") from None
@@ -175,6 +192,11 @@ def verify_hash(path, metadata: Mapping[str, str], tensors: Mapping[str, torch.T
     """Raise if `metadata` carries an EraseKit content hash that `tensors` and `metadata` no longer match."""
     stored = metadata.get(HASH_KEY)
     if stored is None:
+        ours = sorted(key for key in metadata if key.startswith(OURS))
+        if ours:
+            raise FileError(file=path, key=HASH_KEY, expected="the content hash EraseKit writes beside "
+                            f"{ours[0]!r}", found="none: written by EraseKit but its content hash is missing, so "
+                            "it may have been changed", fix="write or copy it again from its source")
         return
     if content_hash(tensors, metadata) != stored:
         raise FileError(file=path, key=HASH_KEY, expected="the content hash EraseKit wrote",

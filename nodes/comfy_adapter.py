@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from ..erasers.erasure import Erasure
+from ..erasers.erasure import Erasure, ErasureMisfitError
 from ..erasers.families import FamilyError, UNetLayout, kv_family
 from ..erasers.text import CONTEXT_TOKENS, WORD_WINDOW, Encoded, warn_truncated
 
@@ -89,13 +89,12 @@ def apply_erasure(model, erasure: Erasure, strength: float = 1.0):
     """A clone of `model` with the erasure's deltas patched in at `strength`; `model` itself is untouched."""
     base = unet_weights(model, ATTENTION)  # read once: the family comes from its K/V part
     family = kv_family(_cross_attention(base)).name
-    erasure.check_base(family, {f"unet.{k}": v for k, v in base.items()})
+    # Every layer must exist with the delta's shape before anything is patched: ComfyUI itself would skip a misfit
+    # with only a "WEIGHT NOT MERGED" log line, leaving the image unerased.
+    erasure.check_base(family, _fit_weights(model, erasure, base))
     layout = _layout(model)
-    patches = {}
-    for name, delta in erasure.layers.items():
-        if not name.startswith("unet."):
-            raise ValueError(f"erasure layer {name!r} is not a UNet layer")
-        patches["diffusion_model." + layout.to_ldm(name[len("unet."):])] = (delta.materialize(torch.float32),)
+    patches = {"diffusion_model." + layout.to_ldm(name[len("unet."):]): (delta.materialize(torch.float32),)
+               for name, delta in erasure.layers.items()}
     clone = model.clone()
     accepted = set(clone.add_patches(patches, strength))
     missing = sorted(set(patches) - accepted)
@@ -103,6 +102,28 @@ def apply_erasure(model, erasure: Erasure, strength: float = 1.0):
         raise FamilyError(f"the MODEL has no weight {missing[0]} that this erasure edits ({len(missing)} missing): "
                           "the erasure was made for another model architecture")
     return clone
+
+
+def _fit_weights(model, erasure: Erasure, attention: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's weights for every layer the erasure edits, by erasure layer name, so that check_base can refuse
+    a missing layer or a shape misfit; attention weights come effective (patched), others as stored."""
+    weights = {f"unet.{k}": v for k, v in attention.items()}
+    others = [name for name in erasure.layers if name not in weights]
+    if not others:
+        return weights
+    layout = _layout(model)
+    state = model.model.state_dict()
+    for name in others:
+        if not name.startswith("unet."):
+            raise ErasureMisfitError(f"erasure layer {name!r} is not a UNet layer (unet.<diffusers parameter name>): "
+                                     "this node applies UNet erasures only")
+        try:
+            key = "diffusion_model." + layout.to_ldm(name[len("unet."):])
+        except (KeyError, ValueError, IndexError):
+            continue  # no such layer: check_fits names it
+        if key in state:
+            weights[name] = state[key]
+    return weights
 
 
 class ComfyEncoder:

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import InputError, retyped
 from ..families import FAMILIES, TOWER_WIDTH, FamilyError, family_from_context_dim, text_encoders
 from ..io.checkpoints import CheckpointError, read_checkpoint
-from ..io.clip_names import as_file_names, to_file_names
+from ..io.clip_names import as_file_names, check_weights, to_file_names
 from ..io.components import read_component
 from ..io.text_encoders import (
     CLIP_L_SD1,
@@ -74,6 +75,10 @@ def load_advunlearn(path: str | os.PathLike, width: int = CLIP_L_WIDTH) -> AdvUn
     except CheckpointError as err:
         raise TextEncoderError(str(err)) from err
     tower = _clip_text_tower(state, path.name, width)
+    try:
+        check_weights(path, tower)  # an int8 or NaN encoder would load and give black images
+    except InputError as err:
+        raise retyped(err, TextEncoderError) from None
     config = config if config is not None else clip_text_config(tower, "quick_gelu")  # OpenAI CLIP-L's activation
     build_clip_text_model(tower, config)  # raises unless these are every weight of a CLIPTextModel of this config
     return AdvUnlearnEncoder(tower, config, str(path))

@@ -304,6 +304,7 @@ def convert(
     editable = _KV.match if source.format != DIFFUSERS_UNET else (lambda k: _KV.match(k) or _TRCE_STAGE2.match(k))
     order = sorted(tensors, key=_natural_key)
     family = _check_fits(source, tensors, base, order, editable)
+    _check_values(source, tensors, base, editable)
 
     name = source.path.name
     # Tensors outside the method's layers first (cheap when equal), so that a wrong base is refused before the work.
@@ -440,6 +441,26 @@ def _check_fits(source: _Source, tensors: Mapping[str, Tensor], base: Mapping[st
             raise ConversionError(f"{key} is {list(tensors[key].shape)} in {name} but {list(base[key].shape)} in the "
                                   f"base{hint}")
     return file_family.name
+
+
+def _check_values(source: _Source, tensors: Mapping[str, Tensor], base: Mapping[str, Tensor],
+                  editable: Callable[[str], object]) -> None:
+    """Raise naming the first tensor that is not floating point or holds NaN/Inf: in the file, any tensor (a
+    non-finite difference would otherwise count as "not low rank" or be dropped); in the base, the layers compared."""
+    for where, weights, wanted in ((source.path.name, tensors, lambda key: True),
+                                   ("the base", base, lambda key: editable(key) and key in tensors)):
+        for key, tensor in weights.items():
+            if not wanted(key) or tensor.is_meta:
+                continue
+            if not tensor.is_floating_point():
+                raise ConversionError(file=where, key=key, expected="a floating-point tensor",
+                                      found=str(tensor.dtype).replace("torch.", ""),
+                                      fix="the file is damaged or not a model's weights")
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ConversionError(file=where, key=key, expected="finite values",
+                                      found=f"{bad} NaN or infinite value(s)",
+                                      fix="the file is damaged or came from a diverged run: download it again")
 
 
 def _unit_roundoff(dtype: torch.dtype) -> float:

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import FileError, InputError, check_json, check_number, check_tensor, retyped
+from ..files import OURS, read_safetensors, write_safetensors
 
 FORMAT = "erasekit.geom_erasing"
 VERSION = "1"
@@ -136,31 +137,72 @@ class LocationTokens:
             raise GeomError(f"the location tokens are {self.width} wide but {encoder} embeds tokens {width} wide: "
                             f"the file was trained for another text encoder (family {self.family or 'unknown'})")
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
+    def save(self, path: str | Path, *, inputs=()) -> None:
+        """Write the file atomically, with EraseKit's content hash; what `load` would refuse is never written."""
         meta = {"format": FORMAT, "version": VERSION, "concept": self.concept, "grid": str(self.grid),
                 "cells": json.dumps(self.cells), "tokens": json.dumps([token_name(c, self.grid) for c in self.cells]),
                 "width": str(self.width), "family": self.family, **self.extra}
-        save_file({TENSOR_KEY: self.vectors.detach().float().cpu().contiguous()}, str(path), meta)
+        tensors = {TENSOR_KEY: self.vectors.detach().float().cpu().contiguous()}
+        try:
+            _check_file(path, meta, tensors)
+        except InputError as err:
+            raise retyped(err, LocationTokensFileError) from None
+        write_safetensors(path, tensors, meta, inputs=inputs)
 
     @classmethod
     def load(cls, path: str | Path) -> "LocationTokens":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise GeomError(f"{path} is not a Geom-Erasing location-token file (metadata format "
-                                f"{meta.get('format')!r}, expected {FORMAT!r})")
-            if meta.get("version") != VERSION:
-                raise GeomError(f"{path}: unsupported version {meta.get('version')!r} (this EraseKit reads {VERSION})")
-            vectors = f.get_tensor(TENSOR_KEY)
-        grid, cells = int(meta["grid"]), json.loads(meta["cells"])
-        if vectors.ndim != 2 or vectors.shape != (len(cells), int(meta["width"])):
-            raise GeomError(f"{path}: tensor {TENSOR_KEY} is {tuple(vectors.shape)}, metadata says "
-                            f"{len(cells)} cells × {meta['width']}")
-        parse_cells(cells, grid)
+        """A location-token file, checked whole; any problem is a LocationTokensFileError naming file and key."""
+        try:
+            meta, tensors = read_safetensors(path, "location-token file")
+            grid, cells, vectors = _check_file(path, meta, tensors)
+        except InputError as err:
+            raise retyped(err, LocationTokensFileError) from None
         known = {"format", "version", "concept", "grid", "cells", "tokens", "width", "family"}
         return cls(meta["concept"], grid, cells, vectors, meta.get("family", ""),
-                   {k: v for k, v in meta.items() if k not in known})
+                   {k: v for k, v in meta.items() if k not in known and not k.startswith(OURS)})
+
+
+class LocationTokensFileError(FileError, GeomError):
+    """A location-token file is unreadable, corrupt, or not of this format."""
+
+
+# Largest |value| of a learned token vector: CLIP token embeddings are O(1); beyond this the file is corrupt.
+MAX_ABS = 1e4
+
+
+def _check_file(path, meta, tensors) -> tuple[int, list[int], torch.Tensor]:
+    """(grid, cells, vectors) of a location-token file, or a FileError naming the first problem."""
+    if meta.get("format") != FORMAT:
+        raise FileError(f"{path} is not a Geom-Erasing location-token file (metadata format "
+                        f"{meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("version") != VERSION:
+        raise FileError(f"{path}: unsupported version {meta.get('version')!r} (this EraseKit reads {VERSION})")
+    for key in ("concept", "grid", "cells", "width"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise FileError(file=path, key=key, expected="this metadata key, not empty", found=repr(meta.get(key)),
+                            fix="the file is corrupt: train or copy it again")
+    grid = _integer(path, meta, "grid", 1, 64)
+    width = _integer(path, meta, "width", 1, 1 << 16)
+    cells = check_json(path, "cells", meta["cells"], list, "a JSON list of cell numbers")
+    if not cells or len(set(map(repr, cells))) != len(cells) or \
+            any(isinstance(c, bool) or not isinstance(c, int) for c in cells):
+        raise FileError(file=path, key="cells", expected="distinct cell numbers, at least one", found=repr(cells)[:80])
+    try:
+        parse_cells(cells, grid)
+    except GeomError as err:
+        raise FileError(file=path, key="cells", expected=f"cell numbers of a {grid}×{grid} grid",
+                        found=str(err)[:160]) from None
+    stray = sorted(set(tensors) - {TENSOR_KEY})
+    if TENSOR_KEY not in tensors or stray:
+        raise FileError(file=path, key=stray[0] if stray else TENSOR_KEY, expected=f"one tensor, {TENSOR_KEY!r}",
+                        found=f"tensors {sorted(tensors)[:4]}", fix="the file is corrupt: train or copy it again")
+    vectors = check_tensor(path, TENSOR_KEY, tensors[TENSOR_KEY], shape=(len(cells), width), max_abs=MAX_ABS)
+    return grid, cells, vectors
+
+
+def _integer(path, meta, key: str, low: int, high: int) -> int:
+    try:
+        return check_number(key, meta[key], low=low, high=high, integer=True)
+    except InputError as err:
+        raise FileError(file=path, key=key, expected=err.expected, found=err.found,
+                        fix="the file is corrupt: train or copy it again") from None

@@ -56,6 +56,23 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     return _read_pickle(path)
 
 
+def check_finite(source, tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """`tensors` (weights read from `source` that EraseKit edits or computes from), or a CheckpointError naming the
+    first that is not floating point or holds NaN/Inf: an erasure computed from or merged into it would be NaN."""
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(file=source, key=key, expected="a floating-point weight",
+                                  found=str(tensor.dtype).replace("torch.", ""),
+                                  fix="the checkpoint is damaged or quantised: use a float16/float32 release")
+        finite = torch.isfinite(tensor if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                                           torch.float64) else tensor.float())
+        if not bool(finite.all()):
+            raise CheckpointError(file=source, key=key, expected="finite values",
+                                  found=f"{int((~finite).sum())} NaN or infinite value(s)",
+                                  fix="the checkpoint is damaged: download or copy it again")
+    return tensors
+
+
 def read_checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     """The shape of every tensor in a checkpoint, without reading the weights where the format allows.
 

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import check_tensor
+from ..files import write_safetensors
+
 FILE_PREFIX = "text_model."  # what files put before the transformer's own keys
 
 
@@ -67,9 +70,26 @@ def file_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     return to_file_names(model.state_dict(), model)
 
 
-def load_file_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], **kwargs):
-    """``model.load_state_dict`` from a state dict in file names; the missing and unexpected keys it returns (with
-    ``strict=False``) are in file names too. `kwargs`: ``strict``, ``assign``."""
+# Largest |value| a CLIP text-model weight may hold (they are O(1) to O(100)); beyond this the file is corrupt and
+# float16 inference would overflow.
+MAX_ABS = 1e4
+
+
+def check_weights(source, state_dict: Mapping[str, Tensor]) -> None:
+    """Raise a FileError naming `source` and the key of the first weight that is not floating point, is empty, holds
+    NaN/Inf or is implausibly large (an int8 or bool weight would load and silently give garbage embeddings);
+    ``position_ids``, an integer buffer, is exempt."""
+    for key, tensor in state_dict.items():
+        if not key.endswith("position_ids"):
+            check_tensor(source, key, tensor, max_abs=MAX_ABS)
+
+
+def load_file_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], *, source="the state dict",
+                         **kwargs):
+    """``model.load_state_dict`` from a state dict in file names, after `check_weights` (`source` names it in
+    errors); the missing and unexpected keys it returns (with ``strict=False``) are in file names too. `kwargs`:
+    ``strict``, ``assign``."""
+    check_weights(source, state_dict)
     file_name = dict(zip(to_model_names(dict.fromkeys(state_dict), model), state_dict))  # model name -> file name
     result = model.load_state_dict(to_model_names(state_dict, model), **kwargs)
     missing = list(to_file_names(dict.fromkeys(result.missing_keys), model))
@@ -80,15 +100,14 @@ def load_file_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor
 def save_text_model(model: torch.nn.Module, folder: str | os.PathLike) -> Path:
     """A transformers CLIP text model as a folder in file names: ``config.json`` and ``model.safetensors`` (what
     ``save_pretrained`` writes under transformers 4, and what `from_pretrained` reads under 4 and 5)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in file_state_dict(model).items()
              if not k.endswith("position_ids")}  # a constant buffer transformers does not save
+    check_weights(folder / "model.safetensors", state)  # what loading would refuse is never written
+    folder.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]  # as save_pretrained records it
     model.config.save_pretrained(str(folder))
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(folder / "model.safetensors", state, {"format": "pt"})
     return folder
 
 

@@ -26,6 +26,7 @@ from .checkpoints import (
     SAFETENSORS_SUFFIXES,
     UNET_PREFIX,
     CheckpointError,
+    check_finite,
     read_checkpoint,
     read_checkpoint_shapes,
     write_checkpoint,
@@ -85,12 +86,13 @@ class ModelFiles:
         raise NotImplementedError
 
     def kv_weights(self) -> dict[str, Tensor]:
-        """Every attn2 to_k/to_v weight by diffusers parameter name, in its stored dtype."""
-        return self.unet_weights(_KV_SUFFIX)
+        """Every attn2 to_k/to_v weight by diffusers parameter name, in its stored dtype; NaN/Inf is an error (an
+        erasure computed from them would be NaN)."""
+        return dict(check_finite(self.path, self.unet_weights(_KV_SUFFIX)))
 
     def attention_weights(self) -> dict[str, Tensor]:
-        """Every attn1/attn2 parameter of the transformer blocks (what official TRCE releases change)."""
-        return self.unet_weights(_ATTENTION)
+        """Every attn1/attn2 parameter of the transformer blocks (what official TRCE releases change), finite."""
+        return dict(check_finite(self.path, self.unet_weights(_ATTENTION)))
 
     def encoder(self, tokenizer_dir=None, device="cpu", cache_dir=None):
         raise NotImplementedError
@@ -105,6 +107,7 @@ class ModelFiles:
 
     def _check(self, erasure: Erasure, base: Mapping[str, Tensor]) -> None:
         """Family and base weights (`base`: every layer the erasure edits, by erasure layer name)."""
+        check_finite(self.path, base)  # a NaN weight we merge into would stay NaN in the written model
         erasure.check_base(self.family.name, base)
         for name, delta in erasure.layers.items():
             if tuple(base[name].shape) != tuple(delta.shape):

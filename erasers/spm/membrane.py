@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..erasure import ErasureFileError, FamilyMismatchError
+from ..errors import InputError, check_number, check_tensor, retyped
 from ..families import FAMILIES, FamilyError, UNetLayout, kv_family
+from ..files import read_safetensors, write_safetensors
 from . import kernel as gated_lowrank
 
 KOHYA_PREFIX = "lora_unet_"
@@ -164,19 +166,19 @@ class Membrane:
 
 
 def load_membrane(path: str | Path, concepts: Sequence[str] | None = None) -> Membrane:
-    """Read an official SPM file; `concepts` replaces (or, when absent, supplies) its ``prompts`` metadata."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise MembraneFileError(f"{path}: no such SPM file")
+    """Read an official SPM file; `concepts` replaces (or, when absent, supplies) its ``prompts`` metadata. Every
+    problem (unreadable, changed since EraseKit wrote it, unknown layer, rank 0 or mismatched, non-float or
+    non-finite values, α not > 0) is a MembraneFileError naming the file and the key."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise MembraneFileError(f"{path}: not a readable .safetensors file ({err}); it may be truncated: copy or "
-                                "download it again") from None
+        meta, tensors = read_safetensors(path, "SPM file")
+        return _membrane(path, meta, tensors, concepts)
+    except (ValueError, FamilyError) as err:  # InputError is a ValueError; Membrane's own checks raise ValueError
+        if isinstance(err, InputError):
+            raise retyped(err, MembraneFileError) from None
+        raise MembraneFileError(f"{path}: {err}") from None
+
+
+def _membrane(path, meta: Mapping[str, str], tensors: Mapping[str, Tensor], concepts) -> Membrane:
     names = sorted({k[: -len(s)] for k in tensors for s in _TENSOR_SUFFIXES if k.endswith(s)})
     if not names:
         raise MembraneFileError(f"{path}: no SPM tensors (lora_unet_<layer>.lora_down.weight / .lora_up.weight) in "
@@ -196,36 +198,74 @@ def load_membrane(path: str | Path, concepts: Sequence[str] | None = None) -> Me
         try:
             target = module_path(name)
         except ValueError as err:
-            raise MembraneFileError(f"{path}: {err}") from None
-        missing = [suffix for suffix in _TENSOR_SUFFIXES[:2] if name + suffix not in tensors]
-        if missing:
-            raise MembraneFileError(f"{path}: layer {name} has no {missing[0]} tensor; the file is incomplete")
-        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
-        alpha = tensors.get(f"{name}.alpha")
-        layers[target] = MembraneLayer(down, up, float(alpha) if alpha is not None else float(down.shape[0]))
+            raise MembraneFileError(file=path, key=name, expected="the kohya name of a UNet transformer layer SPM "
+                                    "edits (lora_unet_<diffusers path>)", found=str(err)[:160]) from None
+        layers[target] = _layer(path, name, tensors)
     ranks = {layer.rank for layer in layers.values()}
-    if "rank" in meta and ranks != {int(float(meta["rank"]))}:
-        raise MembraneFileError(f"{path}: its metadata says rank {meta['rank']} but its layers have rank(s) "
-                                f"{sorted(ranks)}")
-    alpha = float(meta["alpha"]) if "alpha" in meta else next(iter(layers.values())).alpha
+    if "rank" in meta:
+        rank = _meta_number(path, meta, "rank", integer=True, low=1)
+        if ranks != {rank}:
+            raise MembraneFileError(f"{path}: its metadata says rank {meta['rank']} but its layers have rank(s) "
+                                    f"{sorted(ranks)}")
+    alpha = _meta_number(path, meta, "alpha", low=0) if "alpha" in meta else next(iter(layers.values())).alpha
+    return Membrane(layers, list(concepts), alpha)
+
+
+# Largest |value| a membrane tensor may hold: trained LoRA factors are O(1); beyond this the file is corrupt.
+MAX_ABS = 1e4
+
+
+def _layer(path, name: str, tensors: Mapping[str, Tensor]) -> MembraneLayer:
+    """One layer's factors, checked: float, finite, down r×in (or r×in×k×k), up out×r (or out×r×1×1), the same
+    r ≥ 1 in both, α a finite scalar > 0 (α/r scales the delta: 0 would silently erase nothing)."""
+    missing = [suffix for suffix in _TENSOR_SUFFIXES[:2] if name + suffix not in tensors]
+    if missing:
+        raise MembraneFileError(f"{path}: layer {name} has no {missing[0]} tensor; the file is incomplete")
+    down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
+    down = check_tensor(path, down_key, tensors[down_key], max_abs=MAX_ABS)
+    up = check_tensor(path, up_key, tensors[up_key], max_abs=MAX_ABS)
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        raise MembraneFileError(file=path, key=up_key if down.ndim in (2, 4) else down_key,
+                                expected="LoRA factors: down r×in and up out×r, or r×in×k×k and out×r×1×1",
+                                found=f"down {list(down.shape)}, up {list(up.shape)}")
+    if up.shape[1] != down.shape[0] or up.shape[2:] not in ((), (1, 1)):
+        raise MembraneFileError(file=path, key=up_key, expected=f"shape out×{down.shape[0]}"
+                                f"{'×1×1' if up.ndim == 4 else ''} (rank {down.shape[0]}, the rows of {down_key})",
+                                found=f"shape {list(up.shape)}", fix="the file is corrupt: write it again")
+    alpha_key = f"{name}.alpha"
+    if alpha_key not in tensors:
+        return MembraneLayer(down, up, float(down.shape[0]))
+    alpha = check_tensor(path, alpha_key, tensors[alpha_key])
+    if alpha.numel() != 1 or float(alpha) <= 0:
+        raise MembraneFileError(file=path, key=alpha_key, expected="one number > 0",
+                                found=f"shape {list(alpha.shape)}" if alpha.numel() != 1 else f"{float(alpha):g}",
+                                fix="the file is corrupt: write it again")
+    return MembraneLayer(down, up, float(alpha))
+
+
+def _meta_number(path, meta: Mapping[str, str], key: str, *, low: float, integer: bool = False) -> float:
     try:
-        return Membrane(layers, list(concepts), alpha)
-    except (ValueError, FamilyError) as err:
-        raise MembraneFileError(f"{path}: {err}") from None
+        return check_number(key, meta[key], low=low, low_inclusive=integer, integer=integer)
+    except InputError as err:
+        raise MembraneFileError(file=path, key=key, expected=err.expected, found=err.found,
+                                fix="the file's metadata is corrupt: write it again") from None
 
 
-def save_membrane(membrane: Membrane, path: str | Path) -> Path:
-    """Write `membrane` in exactly the official layout; LoRA loaders (diffusers, A1111, ComfyUI) accept the file."""
-    from safetensors.torch import save_file
-
+def save_membrane(membrane: Membrane, path: str | Path, *, inputs=()) -> Path:
+    """Write `membrane` in exactly the official layout (atomically, with EraseKit's content hash in its metadata);
+    LoRA loaders (diffusers, A1111, ComfyUI) accept the file."""
     if any("," in c for c in membrane.concepts):
         raise ValueError(f"concepts {membrane.concepts!r}: the 'prompts' metadata is comma-joined, so a concept "
                          "cannot contain a comma")
     metadata = {"prompts": ",".join(membrane.concepts), "rank": str(membrane.rank), "alpha": str(membrane.alpha)}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya_tensors(membrane), str(path), metadata=metadata)
-    return path
+    tensors = kohya_tensors(membrane)
+    # What load refuses is never written: a diverged training run must fail here, not when the file is used.
+    try:
+        _membrane(path, metadata, tensors, None)
+    except (ValueError, FamilyError) as err:
+        raise (retyped(err, MembraneFileError) if isinstance(err, InputError) else
+               MembraneFileError(f"{path}: {err}")) from None
+    return write_safetensors(path, tensors, metadata, inputs=inputs)
 
 
 def kohya_tensors(membrane: Membrane) -> dict[str, Tensor]:

@@ -21,6 +21,7 @@ from erasekit.erasers.errors import (
 )
 from erasekit.erasers.files import (
     HASH_KEY,
+    WRITER_KEY,
     content_hash,
     new_file_mode,
     read_safetensors,
@@ -45,7 +46,9 @@ def _header(path):
 def test_a_written_file_loads_back_equal_with_its_hash_checked(tmp_path):
     path = write_safetensors(tmp_path / "e.safetensors", _tensors(), {"method": "uce"})
     meta, tensors = read_safetensors(path)
-    assert meta["method"] == "uce" and meta[HASH_KEY] == content_hash(_tensors(), {"method": "uce"})
+    assert meta[WRITER_KEY].startswith("erasekit ")
+    assert meta["method"] == "uce" and meta[HASH_KEY] == content_hash(
+        _tensors(), {"method": "uce", WRITER_KEY: meta[WRITER_KEY]})
     for key, tensor in _tensors().items():
         assert torch.equal(tensors[key], tensor) and tensors[key].dtype == tensor.dtype
 
@@ -69,6 +72,48 @@ def test_an_edited_metadata_value_is_refused(tmp_path):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + size:])
     with pytest.raises(FileError, match=HASH_KEY):
         read_safetensors(path)
+
+
+def _rewrite_metadata(path, edit):
+    size, header, data = _header(path)
+    edit(header["__metadata__"])
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + size:])
+
+
+def test_a_file_written_by_erasekit_whose_hash_was_deleted_is_refused_not_loaded_as_foreign(tmp_path):
+    path = write_safetensors(tmp_path / "e.safetensors", _tensors(), {"method": "uce"})
+    size, _, data = _header(path)
+    changed = bytearray(data)
+    changed[8 + size + 5] ^= 0x01
+    path.write_bytes(bytes(changed))
+    _rewrite_metadata(path, lambda meta: meta.pop(HASH_KEY))
+    with pytest.raises(FileError, match=r"e\.safetensors.*written by EraseKit but its content hash is missing"):
+        read_safetensors(path)
+
+
+def test_any_erasekit_key_without_the_hash_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(_tensors(), str(tmp_path / "e.safetensors"), metadata={"erasekit_format": "1"})
+    with pytest.raises(FileError, match="erasekit_format.*content hash is missing"):
+        read_safetensors(tmp_path / "e.safetensors")
+
+
+def test_no_path_at_all_is_a_file_error_not_a_type_error():
+    with pytest.raises(FileError, match="no location-token file given"):
+        read_safetensors(None, "location-token file")
+
+
+def test_loaded_tensors_do_not_change_when_the_file_is_rewritten_in_place(tmp_path):
+    path = write_safetensors(tmp_path / "e.safetensors", {"a": torch.ones(4096)}, {})
+    _, tensors = read_safetensors(path)
+    size = path.stat().st_size
+    with open(path, "r+b") as out:  # in place, same inode: what a memory map would see
+        out.seek(size - 8192)
+        out.write(b"\xff" * 8192)
+    assert torch.equal(tensors["a"], torch.ones(4096))
 
 
 def test_a_file_from_another_tool_without_a_hash_loads_as_before(tmp_path):
