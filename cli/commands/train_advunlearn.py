@@ -9,10 +9,10 @@ from pathlib import Path
 from ...erasers.advunlearn.train import SHAPES_DEFAULTS, AdvUnlearnConfig, train_advunlearn
 from ...erasers.io.prompt_lists import read_prompt_file
 from ...erasers.training.resumable import resume_path
-
-ENCODER_FILES = ("config.json", "pytorch_model.bin", "model.safetensors")  # what save_encoder writes into --out
 from ..common import add_run_arguments, error, number, refuse_outputs, training_progress
 from ..pipelines import load_pipeline, model_folder, parse_device
+
+ENCODER_FILES = ("config.json", "pytorch_model.bin", "model.safetensors")  # what save_encoder writes into --out
 
 
 def register(subparsers) -> None:
