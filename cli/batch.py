@@ -130,9 +130,9 @@ class Manifest:
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
             raise BatchError(f"{where}: 'index' is {json.dumps(index)[:80]}, not a prompt's index (a whole number "
                              ">= 0): the manifest was edited or is not batch's; delete the line to redo its prompt")
-        names = files if isinstance(files, list) else [files]
-        for name in names:
-            if not (isinstance(name, str) and name and Path(name).name == name and name not in (".", "..")):
+        for name in files if isinstance(files, list) else [files]:
+            if not (isinstance(files, list) and isinstance(name, str) and Path(name).name == name
+                    and name not in ("", ".", "..")):
                 raise BatchError(f"{where}: 'files' holds {json.dumps(name)[:80]}, not a file name in {self.out}: "
                                  "the manifest was edited or is not batch's; delete the line to redo its prompt")
 
@@ -179,23 +179,37 @@ class Manifest:
 
 class RunLock:
     """An exclusive lock on DIR/.erasekit-batch.lock for one run, so that two runs on one folder cannot interleave
-    their manifest lines; the kernel drops it when the process ends, so a killed run's lock is taken over."""
+    their manifest lines; the kernel drops it when the process ends, so a killed run's lock is taken over. The file
+    is removed when the run ends, so a finished folder holds only the batch's own files."""
 
     def __init__(self, out: Path):
         self.path = out / LOCK
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode("ascii", "replace").strip() or "another process"
-            self.release()
-            raise BatchError(f"another batch run (pid {holder}) is writing to {out}: wait for it to finish, or give "
-                             "this run another --out") from None
+        self._fd: int | None = None
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise BatchError(f"another batch run (pid {holder}) is writing to {out}: wait for it to finish, or "
+                                 "give this run another --out") from None
+            if self._is_current(fd):
+                self._fd = fd
+            else:
+                os.close(fd)  # the run before removed the file while we waited: lock the new one
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, str(os.getpid()).encode(), 0)
 
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a run that opened it sees it gone and retries
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
 

@@ -76,8 +76,8 @@ def _with_files(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
     found = [path]
-    for root, _, names in os.walk(path):
-        found += [Path(root) / name for name in names]
+    for root, folders, names in os.walk(path):
+        found += [Path(root) / name for name in (*folders, *names)]
         if len(found) > MAX_FOLDER_FILES:
             break
     return found
