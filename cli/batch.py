@@ -6,7 +6,9 @@ saves several images) and manifest.jsonl, one JSON line per finished prompt: ind
 categories, erasures, files, server. Files are written under a temporary name and renamed, and a prompt counts as
 done only when its manifest line is written and its files exist: rerunning the same command after an interruption
 (a kill, a server gone) generates only what is missing, never twice, and never rewrites a finished file. One run
-at a time per folder. Every PNG carries a tEXt chunk `erasekit_erasures`: the erasures applied, as JSON.
+at a time per folder: a run holds a lock on DIR/.erasekit-batch.lock (fcntl.flock, which the kernel releases when
+the process ends, so a killed run's lock is free again), and a second run on DIR is refused. Every PNG carries a
+tEXt chunk `erasekit_erasures`: the erasures applied, as JSON.
 
 ComfyUI backend: an API-format workflow (ComfyUI's "Save (API Format)" / "Export (API)"), changed per prompt by
 these rules:
@@ -23,15 +25,19 @@ these rules:
   input;
 - the erasures recorded are the EraseKit nodes that the output nodes depend on and that output a MODEL or CLIP,
   with their constant inputs (method, concepts, file, strength, ...).
-Prompts are shared among the servers through one queue (a worker thread per server, one prompt in flight each).
+Prompts are shared among the servers through one queue (a worker thread per server, one prompt in flight each). A
+server that does not answer at the start is reported as a warning and the run goes on with the others (all of them
+down is an error); one that dies midway hands its prompt back to the others.
 """
 from __future__ import annotations
 
 import copy
+import fcntl
 import http.client
 import inspect
 import io
 import json
+import os
 import queue
 import struct
 import sys
@@ -42,12 +48,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..erasers.errors import InputError
 from ..erasers.files import SUFFIX, write_atomic
 from ..erasers.io.prompt_lists import PromptItem
 from .comfy_server import ComfyClient, ComfyError
 from .pipelines import load_pipeline, parse_device
 
 MANIFEST = "manifest.jsonl"
+LOCK = ".erasekit-batch.lock"
 PNG_KEY = "erasekit_erasures"
 PROMPT_TITLE = "prompt"
 TEXT_INPUTS = ("text", "text_g", "text_l")
@@ -58,7 +66,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8188"
 SERVER_GONE = (OSError, http.client.HTTPException)
 
 
-class BatchError(ValueError):
+class BatchError(InputError):
     """A workflow, output folder or server the batch cannot run with; the message says what to change."""
 
 
@@ -83,10 +91,19 @@ class Manifest:
 
     def __init__(self, out: Path, items: list[PromptItem], erasures: list[dict], settings: dict | None = None):
         self.out, self.path, self.settings = out, out / MANIFEST, dict(settings or {})
-        if out.is_dir() and not self.path.exists() and any(out.iterdir()):
+        if out.is_dir() and not self.path.exists() and any(p.name != LOCK for p in out.iterdir()):
             raise BatchError(f"{out} holds files but no {MANIFEST}, so it is not a batch's folder: give a new or "
                              "empty folder (batch would overwrite files named like its own)")
         out.mkdir(parents=True, exist_ok=True)
+        self._run_lock = RunLock(out)
+        try:
+            self._open(items, erasures)
+        except BaseException:
+            self._run_lock.release()
+            raise
+
+    def _open(self, items: list[PromptItem], erasures: list[dict]) -> None:
+        out = self.out
         for stray in out.glob(f".*{SUFFIX}"):  # temporary files of a killed run
             stray.unlink()
         self.done: dict[int, dict] = {}
@@ -98,12 +115,26 @@ class Manifest:
                     index, files = record["index"], record["files"]
                 except (ValueError, KeyError, TypeError):
                     continue
+                self._check_entry(index, files, number)
                 self._check(record, number, listed.get(index), erasures)
                 if index not in self.done and all((out / name).is_file() for name in files):
                     self.done[index] = record
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.done.values()).encode())
         self._file = open(self.path, "a", encoding="utf-8")
         self._lock = threading.Lock()
+
+    def _check_entry(self, index, files, number: int) -> None:
+        """A line's index is a whole number and its files are plain names in DIR: a line naming a file elsewhere
+        would count a prompt as done whose image is not in DIR."""
+        where = f"{self.path} line {number}"
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise BatchError(f"{where}: 'index' is {json.dumps(index)[:80]}, not a prompt's index (a whole number "
+                             ">= 0): the manifest was edited or is not batch's; delete the line to redo its prompt")
+        for name in files if isinstance(files, list) else [files]:
+            if not (isinstance(files, list) and isinstance(name, str) and Path(name).name == name
+                    and name not in ("", ".", "..")):
+                raise BatchError(f"{where}: 'files' holds {json.dumps(name)[:80]}, not a file name in {self.out}: "
+                                 "the manifest was edited or is not batch's; delete the line to redo its prompt")
 
     def _check(self, record: dict, number: int, item: PromptItem | None, erasures: list[dict]) -> None:
         where = f"{self.path} line {number}"
@@ -143,6 +174,44 @@ class Manifest:
     def close(self) -> None:
         with self._lock:
             self._file.close()
+        self._run_lock.release()
+
+
+class RunLock:
+    """An exclusive lock on DIR/.erasekit-batch.lock for one run, so that two runs on one folder cannot interleave
+    their manifest lines; the kernel drops it when the process ends, so a killed run's lock is taken over. The file
+    is removed when the run ends, so a finished folder holds only the batch's own files."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        self._fd: int | None = None
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                os.close(fd)
+                raise BatchError(f"another batch run (pid {holder}) is writing to {out}: wait for it to finish, or "
+                                 "give this run another --out") from None
+            if self._is_current(fd):
+                self._fd = fd
+            else:
+                os.close(fd)  # the run before removed the file while we waited: lock the new one
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while still held: a run that opened it sees it gone and retries
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
 
 
 @dataclass
@@ -316,12 +385,29 @@ def _server_info(client: ComfyClient) -> dict:
                          "check --server") from None
 
 
+def _live_servers(clients: list[ComfyClient]) -> tuple[list[ComfyClient], list[dict]]:
+    """The servers that answer and their /object_info; each one that does not is a warning, all of them an error."""
+    live, infos, refusals = [], [], []
+    for client in clients:
+        try:
+            infos.append(_server_info(client))
+            live.append(client)
+        except BatchError as err:
+            refusals.append(err)
+    if not live:
+        raise refusals[0] if len(refusals) == 1 else BatchError(
+            "no ComfyUI server answers: " + "; ".join(str(err) for err in refusals))
+    for err in refusals:
+        print(f"warning: {err}; going on with the {len(live)} server(s) that answer", file=sys.stderr, flush=True)
+    return live, infos
+
+
 def run_comfy(workflow: Workflow, items: list[PromptItem], out: Path, clients: list[ComfyClient],
               timeout: float = 1800) -> Summary:
     """Generate every item not yet in DIR's manifest, sharing them among the servers."""
     if not clients:
         raise BatchError("no ComfyUI server given (--server URL)")
-    infos = [_server_info(client) for client in clients]
+    clients, infos = _live_servers(clients)
     outputs = [workflow.check(info, client.url) for info, client in zip(infos, clients)][0]
     workflow.check_items(items)
     erasures = workflow.erasures(infos[0], outputs)

@@ -1,17 +1,86 @@
-"""What several commands share: the `error: ...` line, file sizes, EraseKit's warnings printed once, the trainers'
-progress lines and the options every trainer on a pipeline takes."""
+"""What several commands share: the `error: ...` line, numeric option types, the refusal of an output that is an
+input, file sizes, EraseKit's warnings printed once, the trainers' progress lines and the options every trainer on a
+pipeline takes."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..erasers.errors import NumberError, check_number
+from ..erasers.files import refuse_inputs
+
+MAX_SEED = 2**32 - 1  # torch, numpy and the trainers' generators all take it
+MAX_FOLDER_FILES = 100_000  # files of an input folder compared with the outputs; a model or data folder has fewer
 
 
 def error(message: object) -> int:
     """Print `error: MESSAGE` on stderr; return 2, the exit code of bad input."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+class NumberOptionError(argparse.ArgumentTypeError):
+    """A numeric option outside its range; `Parser` turns it into a NumberError, an `error: ...` line and exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, except that a numeric option out of its range raises a NumberError naming the option and
+    the range (main prints it as one `error: ...` line, exit code 2) instead of exiting from inside the parser."""
+
+    def error(self, message: str):
+        handled = sys.exc_info()[1]
+        if isinstance(getattr(handled, "__context__", None), NumberOptionError):
+            raise NumberError(message) from None
+        super().error(message)
+
+
+def number(low: float | None = None, high: float | None = None, *, integer: bool = False,
+           low_inclusive: bool = True):
+    """An argparse `type`: the option's text as a finite number (an exact int if `integer`) in [low, high] (low
+    excluded unless `low_inclusive`), else a NumberOptionError saying what was expected and found."""
+
+    def parse(text: str):
+        value: object = text
+        if integer:
+            try:
+                value = int(text)  # exact, where float() would round a large seed
+            except ValueError:
+                pass
+        try:
+            checked = check_number("option", value, low=low, high=high, low_inclusive=low_inclusive,
+                                   integer=integer)
+        except NumberError as err:
+            raise NumberOptionError(f"expected {err.expected}, found {err.found}") from None
+        return value if isinstance(value, int) else checked
+
+    parse.__name__ = "integer" if integer else "number"  # argparse names the type in its own messages
+    return parse
+
+
+def refuse_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None], *,
+                   option: str = "--out") -> None:
+    """Refuse, before any work, a command whose output would replace one of its inputs: the same path, a hard link
+    or a symlink to it, or a file inside an input folder (a model or data folder is compared file by file)."""
+    sources = [path for source in inputs if source is not None for path in _with_files(Path(source))]
+    for out in outputs:
+        if out is not None:
+            refuse_inputs(out, sources, option=option)
+
+
+def _with_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    found = [path]
+    for root, folders, names in os.walk(path):
+        found += [Path(root) / name for name in (*folders, *names)]
+        if len(found) > MAX_FOLDER_FILES:
+            break
+    return found
 
 
 def size(nbytes: float) -> str:
@@ -74,6 +143,7 @@ def add_run_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--model", default=None, metavar="DIR",
                        help="a shapes-world folder or a diffusers SD1.x/SD2.x folder (default: the shipped shapes "
                             "world)")
-    train.add_argument("--seed", type=int, default=None, help="default 0")
+    train.add_argument("--seed", type=number(0, MAX_SEED, integer=True), default=None,
+                       help=f"0 to {MAX_SEED} (default 0)")
     train.add_argument("--device", default="cpu", help="where to train (cpu, cuda, cuda:1, mps)")
     train.add_argument("--fresh", action="store_true", help="ignore a resume checkpoint from an earlier run")

@@ -140,6 +140,7 @@ def _write_advunlearn_folder(tower: dict, path: Path) -> Path:
     the released encoders), in the tower's dtype."""
     import torch
 
+    from ..erasers.files import write_atomic, write_stream
     from ..erasers.io.text_encoders import clip_text_config
 
     generator = torch.Generator().manual_seed(0)
@@ -154,8 +155,8 @@ def _write_advunlearn_folder(tower: dict, path: Path) -> Path:
     config = clip_text_config(changed, "quick_gelu")  # OpenAI CLIP-L's activation, as the released config.json
     config.architectures = ["CLIPTextModel"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    config.to_json_file(str(path.parent / "config.json"))
-    torch.save(changed, path)
+    write_atomic(path.parent / "config.json", config.to_json_string())
+    write_stream(path, lambda out: torch.save(changed, out))
     return path
 
 

@@ -27,6 +27,13 @@ _KIND = {"shapes": "a shapes-world model", "sd": "an SD1.x/SD2.x pipeline", "sdx
 _KINDS = {"shapes": "the shapes world", "sd": "SD1.x/SD2.x pipelines", "sdxl": "SDXL pipelines"}
 
 
+def model_folder(path: str | Path | None = None) -> Path:
+    """The folder `--model` names, the shipped shapes world without one: an input no output may replace."""
+    from ..shapes import model as shapes_model
+
+    return Path(shapes_model.WEIGHTS_DIR if path is None else path)
+
+
 def load_pipeline(path: str | Path | None = None, device="cpu", *, kinds: Collection[str] = ("shapes", "sd"),
                   user: str = "this command"):
     """(pipeline, kind) for a model folder, local files only, no safety checker:

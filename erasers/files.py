@@ -1,7 +1,9 @@
 """Reading and writing the files EraseKit owns, so that nothing a user has is lost or silently changed.
 
 - Writes are atomic: a temporary file beside the target, renamed over it, so a reader or a killed run never sees half
-  a file; a stray temporary file is named ``.<target>.<random>.tmp`` and `remove_stale_partials` clears it.
+  a file; a stray temporary file is named ``.<target>.<random>.tmp`` and `remove_stale_partials` clears it (the next
+  write of the same target does). Big files stream into it (`write_stream`); a folder is built beside its name and
+  renamed (`write_folder`).
 - No write lands on one of its own inputs: the same path, a hard link to it, or a symlink to it (`refuse_inputs`).
 - Output files get the mode the umask gives a new file (``tempfile`` would make them 0600).
 - Every safetensors file EraseKit writes carries a content hash in its metadata (`HASH_KEY`): SHA-256 over each
@@ -19,9 +21,11 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -94,6 +98,9 @@ def remove_stale_partials(path: str | os.PathLike) -> list[Path]:
             if stray.suffix in (SUFFIX, ".partial") and stray.is_file():
                 stray.unlink(missing_ok=True)
                 removed.append(stray)
+            elif stray.suffix == SUFFIX and stray.is_dir() and not stray.is_symlink():  # of write_folder
+                shutil.rmtree(stray, ignore_errors=True)
+                removed.append(stray)
     return removed
 
 
@@ -120,6 +127,48 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, *, inputs: Iterable
     """Write `data` (str as UTF-8) to `path` atomically, with the umask's mode, never over one of `inputs`."""
     path = Path(path)
     return _write_with(path, lambda out: out.write(data.encode("utf-8") if isinstance(data, str) else data), inputs)
+
+
+def write_stream(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, inputs: Iterable = ()) -> Path:
+    """Call `write(out)` on a binary file beside `path` and rename it over `path`: for files too big to hold as
+    bytes (merged checkpoints, resume checkpoints, ``torch.save``). The same rules as `write_atomic`."""
+    return _write_with(Path(path), write, inputs)
+
+
+def write_folder(path: str | os.PathLike, fill: Callable[[Path], object], *, inputs: Iterable = ()) -> Path:
+    """Call `fill(folder)` on a new folder beside `path` and rename it to `path` (which must not exist, or be an
+    empty folder), so a killed run never leaves half a folder under the name; `remove_stale_partials` clears the
+    stray folder it leaves instead. The folder gets the umask's mode."""
+    path = Path(path)
+    refuse_inputs(path, inputs)
+    _writable_folder(path.parent)
+    remove_stale_partials(path)
+    if path.is_dir() and any(path.iterdir()) or path.exists() and not path.is_dir():
+        raise FileError(f"{path} already exists and is not an empty folder: choose a new folder")
+    try:
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=SUFFIX))
+    except OSError as err:
+        raise FileError(f"cannot write {path} ({err.strerror or err})") from None
+    try:
+        fill(staging)
+        os.chmod(staging, 0o777 & ~_umask())
+        if path.is_dir():
+            path.rmdir()  # the empty folder the user made for it
+        os.rename(staging, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FileError(f"no space left to write {path}: free some space or choose another output path") from None
+        raise FileError(f"cannot write {path} ({err.strerror or err})") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write_with(path: Path, write, inputs: Iterable) -> Path:

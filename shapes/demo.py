@@ -12,6 +12,7 @@ import torch
 
 from ..erasers import attack
 from ..erasers.attack import soft_prompt
+from ..erasers.files import write_atomic, write_stream
 from . import data, methods, metrics
 from .judge import Judge
 from .model import ShapesPipeline
@@ -75,7 +76,7 @@ def write_grid(path: Path, rows: list[tuple[str, str]], columns: list[str], cell
             draw.text((4, y + 34), prompt[30:60], fill="black")
         for j, name in enumerate(columns):
             grid.paste(Image.fromarray(_tile(cells[name][i])), (label_w + j * (cell + pad), y))
-    grid.save(path)
+    write_stream(path, lambda out: grid.save(out, format="PNG"))
 
 
 # --- attack success rate (UnlearnDiffAtk, erasers/attack/unlearn_diff.py) ---------------------------------------
@@ -283,7 +284,7 @@ def run_demo(out: Path, concept: str = "circle", method_names: list[str] | None 
     write_grid(out / "grid.png", grid_rows, [m for m in method_names if m in cells], cells)
     result = {"concept": concept, "rows": rows, "grid_prompts": [p for _, p in grid_rows],
               "seconds": round(time.time() - start, 1)}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    write_atomic(out / "metrics.json", json.dumps(result, indent=1))
     print(f"wrote {out / 'grid.png'} and {out / 'metrics.json'} in {result['seconds']} s")
     return result
 
@@ -321,10 +322,10 @@ def run_eval(out: Path, method_names: list[str] | None = None, concept_names: li
                              "k": attack.K, "lr": attack.LR, "discrete": True, "seed": 0}
         if attack_protocol == "official":
             summary["attack"].update(timesteps=attack.SEARCH_TIMESTEPS, weight_decay=attack.SEARCH_WEIGHT_DECAY)
-    (out / "eval.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(out / "eval.json", json.dumps(summary, indent=1))
     text = markdown_table(rows) + "\n"
     if base is not None:
         text = format_quality(base) + "\n\n" + text
-    (out / "eval.md").write_text(text)
+    write_atomic(out / "eval.md", text)
     print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
     return rows

@@ -5,7 +5,7 @@ import argparse
 import time
 
 from ...erasers.families import FamilyError
-from ..common import PrintedWarnings, error, size
+from ..common import PrintedWarnings, error, number, refuse_outputs, size
 
 
 def register(subparsers) -> None:
@@ -19,7 +19,8 @@ def register(subparsers) -> None:
                        help="a single-file checkpoint (.safetensors, .ckpt) or a diffusers pipeline folder")
     apply.add_argument("--out", required=True, metavar="MERGED",
                        help="the merged .safetensors file, or a new folder for a diffusers input")
-    apply.add_argument("--strength", type=float, default=1.0)
+    apply.add_argument("--strength", type=number(-4, 4), default=1.0,
+                       help="W + strength·ΔW, -4 to 4 (default 1)")
     apply.set_defaults(run=run)
 
 
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with PrintedWarnings():
         try:
+            refuse_outputs([args.out], [args.erasure, args.checkpoint])
             erasure = Erasure.load(args.erasure)
             model = open_model(args.checkpoint)
             print(f"model: {args.checkpoint} ({model.kind}, {model.family.label})", flush=True)

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ...erasers.io.prompt_lists import read_prompt_file, select
+from ...erasers.io.prompt_lists import MAX_SEED, read_prompt_file, select
 from .. import batch
-from ..common import error
+from ..common import error, number, refuse_outputs
 
 
 def register(subparsers) -> None:
@@ -28,15 +28,19 @@ def _add_arguments(parser) -> None:
                              "categories; I2P's sd_seed / sd_guidance_scale) or a .txt, one prompt per line")
     parser.add_argument("--out", required=True, metavar="DIR", help="images and manifest.jsonl; rerun to resume")
     parser.add_argument("--backend", choices=("comfyui", "diffusers"), default="comfyui")
-    parser.add_argument("--seed", type=int, default=0, help="rows without a seed get SEED + their index (default 0)")
-    parser.add_argument("--start", type=int, default=0, help="first prompt (index from 0)")
-    parser.add_argument("--count", type=int, default=0, help="number of prompts (default: all from --start)")
+    parser.add_argument("--seed", type=number(0, MAX_SEED, integer=True), default=0,
+                        help=f"rows without a seed get SEED + their index; 0 to {MAX_SEED} (default 0)")
+    parser.add_argument("--start", type=number(0, 10**9, integer=True), default=0,
+                        help="first prompt (index from 0)")
+    parser.add_argument("--count", type=number(0, 10**9, integer=True), default=0,
+                        help="number of prompts (default: all from --start)")
     comfy = parser.add_argument_group("comfyui backend")
     comfy.add_argument("--workflow", metavar="WF.json", help="an API-format workflow (rules: erasekit.cli.batch)")
     comfy.add_argument("--server", action="append", metavar="URL",
                        help="a ComfyUI server; repeat to share the prompts among several "
                             f"(default {batch.DEFAULT_SERVER})")
-    comfy.add_argument("--timeout", type=float, default=1800, help="seconds one prompt may take (default 1800)")
+    comfy.add_argument("--timeout", type=number(0, 7 * 86400, low_inclusive=False), default=1800,
+                       help="seconds one prompt may take, up to a week (default 1800)")
     world = parser.add_argument_group("diffusers backend (the shapes world or a diffusers model folder)")
     world.add_argument("--model", metavar="DIR",
                        help="a diffusers SD1.x/SD2.x/SDXL folder (model_index.json; local files only) or a "
@@ -45,15 +49,18 @@ def _add_arguments(parser) -> None:
                        help="an EraseKit erasure (.safetensors) to apply; repeatable")
     world.add_argument("--membrane", action="append", default=[], metavar="FILE",
                        help="an SPM membrane (.safetensors) to apply with Facilitated Transport; repeatable")
-    world.add_argument("--steps", type=int,
-                       help=f"sampler steps (default: {batch.DEFAULT_STEPS} on a diffusers folder, 10 on the shapes "
-                            "world)")
-    world.add_argument("--guidance", type=float, help="guidance scale for rows without one (default: the "
+    world.add_argument("--steps", type=number(1, 1000, integer=True),
+                       help=f"sampler steps, 1 to 1000 (default: {batch.DEFAULT_STEPS} on a diffusers folder, 10 on "
+                            "the shapes world)")
+    world.add_argument("--guidance", type=number(0, 100), help="guidance scale for rows without one, 0 to 100 "
+                       "(default: the "
                        "pipeline's: 7.5 for SD, 5 for SDXL, 4 on the shapes world)")
     world.add_argument("--negative", metavar="TEXT", help="negative prompt for every image (default: none)")
-    world.add_argument("--width", type=int, help="image width, a multiple of 8 (diffusers folder; default: the "
+    world.add_argument("--width", type=number(8, 16384, integer=True),
+                       help="image width, a multiple of 8 (diffusers folder; default: the "
                        "model's)")
-    world.add_argument("--height", type=int, help="image height, a multiple of 8 (diffusers folder; default: the "
+    world.add_argument("--height", type=number(8, 16384, integer=True),
+                       help="image height, a multiple of 8 (diffusers folder; default: the "
                        "model's)")
     world.add_argument("--device", help="torch device for a diffusers folder: cpu (default), cuda, cuda:1, ...")
 
@@ -69,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
                                    "--backend comfyui needs --workflow WF.json (an API-format workflow)")
         if args.backend == "diffusers" and comfy_only:
             raise batch.BatchError(f"{', '.join(comfy_only)}: only for --backend comfyui")
+        refuse_outputs([args.out, Path(args.out) / batch.MANIFEST],
+                       [args.prompts, args.workflow, args.model, *args.erasure, *args.membrane])
         items = select(read_prompt_file(args.prompts, args.seed), args.start, args.count)
         if args.backend == "comfyui":
             workflow = batch.Workflow.load(args.workflow)

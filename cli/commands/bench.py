@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..common import error
+from ..common import error, number
 from ..pipelines import parse_device
 
 
@@ -14,24 +14,28 @@ def register(subparsers) -> None:
                             "membranes (Facilitated Transport) vs the plain UNet and per-prompt merged weights; "
                             "files: writing and reading with EraseKit's file rules (content hash, atomic write) vs "
                             "plain safetensors")
-    bench.add_argument("--repeats", type=int, default=3,
+    bench.add_argument("--repeats", type=number(1, 1000, integer=True), default=3,
                        help="timed runs (median); closed-form references run once")
     bench.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU variant")
     closed = bench.add_argument_group("closed-form")
     closed.add_argument("--family", nargs="+", choices=["sd15", "sdxl"], default=["sd15", "sdxl"])
-    closed.add_argument("--concepts", nargs="+", type=int, default=[1, 10, 50])
+    closed.add_argument("--concepts", nargs="+", type=number(1, 10_000, integer=True), default=[1, 10, 50],
+                        help="concept counts, 1 to 10000 each")
     spm = bench.add_argument_group("spm")
-    spm.add_argument("--membranes", nargs="+", type=int, default=[0, 1, 4, 16], help="membrane counts, one row each")
-    spm.add_argument("--batch", nargs="+", type=int, default=[2, 8],
+    spm.add_argument("--membranes", nargs="+", type=number(0, 1000, integer=True), default=[0, 1, 4, 16],
+                     help="membrane counts, 0 to 1000, one row each")
+    spm.add_argument("--batch", nargs="+", type=number(2, 1024, integer=True), default=[2, 8],
                      help="UNet batch sizes, even: B/2 images of a prompt and a negative prompt")
-    spm.add_argument("--latent", type=int, default=32, help="latent side (64 is a 512x512 image)")
+    spm.add_argument("--latent", type=number(1, 512, integer=True), default=32,
+                     help="latent side, 1 to 512 (64 is a 512x512 image)")
     spm.add_argument("--unet", choices=["tiny-sd15", "sd15"], default="tiny-sd15",
                      help="tiny-sd15: SD1.5 widths on two levels, 107 M parameters; sd15: the full 860 M UNet")
-    spm.add_argument("--steps", type=int, default=30,
+    spm.add_argument("--steps", type=number(1, 1000, integer=True), default=30,
                      help="sampler steps the reference's per-prompt rebuild is spread over (infer_spm.py: 30)")
     spm.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     filesize = bench.add_argument_group("files")
-    filesize.add_argument("--size-mb", type=int, default=1024, help="payload in MiB (float32)")
+    filesize.add_argument("--size-mb", type=number(1, 1_000_000, integer=True), default=1024,
+                          help="payload in MiB (float32), at least 1")
     bench.set_defaults(run=run)
 
 
@@ -45,8 +49,6 @@ def _files(args: argparse.Namespace) -> int:
     """Print write/read times with EraseKit's file rules beside plain safetensors."""
     from ..bench.files import run_files
 
-    if args.size_mb < 1:
-        return error(ValueError(f"--size-mb must be at least 1, got {args.size_mb}"))
     run_files(args.size_mb, args.repeats)
     return 0
 

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ...shapes.methods import METHODS, NEGATIVE, UnknownMethodError
-from ..common import error
+from ..common import error, number
 
 
 def register(subparsers) -> None:
@@ -15,8 +15,9 @@ def register(subparsers) -> None:
     demo.add_argument("--concept", default="circle", help="a shape, colour, pattern or 'stamp' (default: circle)")
     demo.add_argument("--methods", nargs="+", metavar="METHOD",
                       help=f"of {', '.join(METHODS)} (default: all but {NEGATIVE}, the plain-word baseline)")
-    demo.add_argument("-n", type=int, default=18,
-                      help="images per metric cell (default 18: one pass over a shape's prompts; eval uses 50)")
+    demo.add_argument("-n", type=number(1, 10_000, integer=True), default=18,
+                      help="images per metric cell, 1 to 10000 (default 18: one pass over a shape's prompts; eval "
+                           "uses 50)")
     demo.set_defaults(run=run)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from ...erasers.closed_form import recipes
 from ...erasers.closed_form.captions import coco_captions
 from ...erasers.families import FamilyError
-from ..common import PrintedWarnings, error, size
+from ..common import PrintedWarnings, error, number, refuse_outputs, size
 from ..pipelines import parse_device
 
 
@@ -28,18 +28,23 @@ def register(subparsers) -> None:
     erase.add_argument("--checkpoint", required=True, metavar="PATH",
                        help="an SD1.x/SD2.x/SDXL single-file checkpoint (.safetensors, .ckpt) or diffusers folder")
     erase.add_argument("--out", required=True, metavar="FILE", help="the erasure to write (.safetensors)")
-    erase.add_argument("--lam", type=float, default=0.5, help="λ, the pull towards the original weights (> 0)")
-    erase.add_argument("--erase-scale", type=float, default=1.0)
-    erase.add_argument("--preserve-scale", type=float, default=None, help="default: the method's")
+    erase.add_argument("--lam", type=number(0, 100, low_inclusive=False), default=0.5,
+                       help="λ, the pull towards the original weights, in (0, 100] (default 0.5)")
+    erase.add_argument("--erase-scale", type=number(0, 100, low_inclusive=False), default=1.0,
+                       help="in (0, 100] (default 1)")
+    erase.add_argument("--preserve-scale", type=number(0, 100), default=None,
+                       help="in [0, 100] (default: the method's)")
     erase.add_argument("--technique", choices=("replace", "tensor"), default="replace")
     erase.add_argument("--tokens", choices=("last", "suffix"), default="last",
                        help="UCE's token selection: the last word token (2025) or the suffix from it (2023)")
     erase.add_argument("--expand", choices=tuple(recipes.TEMPLATES), default=None,
                        help="add UCE's five prompt templates per concept")
     erase.add_argument("--preset", choices=tuple(recipes.RECE_PRESETS), default=None, help="RECE's per-kind defaults")
-    erase.add_argument("--epochs", type=int, default=None, help="RECE epochs (default: the preset's, else 1)")
-    erase.add_argument("--reg", type=float, default=None, help="RECE's λ_r (default: the preset's, else 0.1)")
-    erase.add_argument("--trce-prior-captions", type=int, default=500, metavar="N",
+    erase.add_argument("--epochs", type=number(0, 100, integer=True), default=None,
+                       help="RECE epochs, 0 to 100 (default: the preset's, else 1)")
+    erase.add_argument("--reg", type=number(0, 100, low_inclusive=False), default=None,
+                       help="RECE's λ_r, in (0, 100] (default: the preset's, else 0.1)")
+    erase.add_argument("--trce-prior-captions", type=number(1, 2000, integer=True), default=500, metavar="N",
                        help="COCO captions for TRCE's prior-preservation term (1-2000)")
     erase.add_argument("--device", default="cpu", help="where the text encoder runs (cpu, cuda, cuda:1, mps)")
     erase.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -87,8 +92,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.suffix.lower() != ".safetensors":
             raise ValueError(f"--out {out.name}: erasures are written as .safetensors")
-        if out.exists() and Path(args.checkpoint).exists() and out.resolve() == Path(args.checkpoint).resolve():
-            raise ValueError(f"--out {out} is the input checkpoint")
+        refuse_outputs([out], [args.checkpoint, args.tokenizer])
         device = parse_device(args.device)
         if opts.method == "trce":
             captions = coco_captions(args.trce_prior_captions)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ...erasers.attack.unlearn_diff import STEPS as ATTACK_STEPS
 from ...shapes.demo import DEFAULT_EVAL_CONCEPTS, PROTOCOLS, OutputDirError, run_eval
 from ...shapes.methods import METHODS, NEGATIVE, UnknownMethodError
-from ..common import error
+from ..common import error, number
 
 
 def register(subparsers) -> None:
@@ -20,14 +20,15 @@ def register(subparsers) -> None:
                          "the papers' baseline)")
     ev.add_argument("--concepts", nargs="+", metavar="CONCEPT",
                     help=f"default: {' '.join(DEFAULT_EVAL_CONCEPTS)}")
-    ev.add_argument("-n", type=int, default=50, help="images per metric cell (default 50)")
+    ev.add_argument("-n", type=number(1, 10_000, integer=True), default=50,
+                    help="images per metric cell, 1 to 10000 (default 50)")
     ev.add_argument("--attack", nargs="?", const="quick", choices=PROTOCOLS, default=None,
                     help="also attack each erasure with UnlearnDiffAtk (adversarial prompt prefix) on its efficacy "
                          "prompts and report the attack success rate (ASR) next to efficacy. 'quick' (the default): "
                          "one attacked prompt per prompt; 'official': UnlearnDiffAtk's own protocol, a check after "
                          "each of 50 timesteps until the first success (up to 50x the time)")
-    ev.add_argument("--attack-steps", type=int, default=None, metavar="N",
-                    help=f"Adam steps of the attack per prompt, per timestep with 'official' (default "
+    ev.add_argument("--attack-steps", type=number(0, 10_000, integer=True), default=None, metavar="N",
+                    help=f"0 to 10000 Adam steps of the attack per prompt, per timestep with 'official' (default "
                          f"{ATTACK_STEPS}, as UnlearnDiffAtk); implies --attack")
     ev.set_defaults(run=run)
 

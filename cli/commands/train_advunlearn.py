@@ -8,8 +8,11 @@ from pathlib import Path
 
 from ...erasers.advunlearn.train import SHAPES_DEFAULTS, AdvUnlearnConfig, train_advunlearn
 from ...erasers.io.prompt_lists import read_prompt_file
-from ..common import add_run_arguments, error, training_progress
-from ..pipelines import load_pipeline, parse_device
+from ...erasers.training.resumable import resume_path
+from ..common import add_run_arguments, error, number, refuse_outputs, training_progress
+from ..pipelines import load_pipeline, model_folder, parse_device
+
+ENCODER_FILES = ("config.json", "pytorch_model.bin", "model.safetensors")  # what save_encoder writes into --out
 
 
 def register(subparsers) -> None:
@@ -28,17 +31,20 @@ def register(subparsers) -> None:
     train.add_argument("--context", action="append", default=[], metavar="TEMPLATE",
                        help="a prompt with '{}' where the concept goes (repeatable; default: the bare concept on SD, "
                             "every prompt naming it on the shapes world)")
-    train.add_argument("--iterations", type=int, default=None,
-                       help=f"default: 1000 (SD), {world['iterations']} (shapes world)")
-    train.add_argument("--warmup", type=int, default=None,
-                       help=f"iterations without the attacker; default: 200 (SD), {world['warmup']} (shapes world)")
-    train.add_argument("--lr", type=float, default=None, help=f"default: 1e-5 (SD), {world['lr']:g} (shapes world)")
-    train.add_argument("--attack-steps", type=int, default=None,
-                       help=f"default: 30 (SD), {world['attack_steps']} (shapes world)")
-    train.add_argument("--retain-weight", type=float, default=None,
-                       help=f"γ of the utility loss; default: 1 (SD), {world['retain_weight']:g} (shapes world)")
-    train.add_argument("--ddim-steps", type=int, default=None,
-                       help=f"default: 50 (SD), {world['ddim_steps']} (shapes world)")
+    train.add_argument("--iterations", type=number(0, 10**7, integer=True), default=None,
+                       help=f"0 to 10^7; default: 1000 (SD), {world['iterations']} (shapes world)")
+    train.add_argument("--warmup", type=number(0, 10**7, integer=True), default=None,
+                       help=f"iterations without the attacker, 0 to 10^7; default: 200 (SD), {world['warmup']} "
+                            "(shapes world)")
+    train.add_argument("--lr", type=number(0, 1, low_inclusive=False), default=None,
+                       help=f"in (0, 1]; default: 1e-5 (SD), {world['lr']:g} (shapes world)")
+    train.add_argument("--attack-steps", type=number(0, 1000, integer=True), default=None,
+                       help=f"0 to 1000; default: 30 (SD), {world['attack_steps']} (shapes world)")
+    train.add_argument("--retain-weight", type=number(0, 1000), default=None,
+                       help=f"γ of the utility loss, 0 to 1000; default: 1 (SD), {world['retain_weight']:g} "
+                            "(shapes world)")
+    train.add_argument("--ddim-steps", type=number(1, 1000, integer=True), default=None,
+                       help=f"1 to 1000; default: 50 (SD), {world['ddim_steps']} (shapes world)")
     add_run_arguments(train)
     train.set_defaults(run=run)
 
@@ -51,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out}: a file is in the way; the encoder is written as a folder")
+        written = [out, *(out / name for name in ENCODER_FILES), resume_path(out)]
+        refuse_outputs(written, [model_folder(args.model), args.retain])
         device = parse_device(args.device)
         pipe, kind = load_pipeline(args.model, device, user="AdvUnlearn training")
         overrides = {name: value for name, value in (

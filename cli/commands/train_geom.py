@@ -19,8 +19,8 @@ from ...erasers.geom.train import (
     train_location_tokens,
 )
 from ...shapes.data import geom_training_set
-from ..common import error
-from ..pipelines import load_pipeline
+from ..common import MAX_SEED, error, number, refuse_outputs
+from ..pipelines import load_pipeline, model_folder
 
 
 def register(subparsers) -> None:
@@ -46,25 +46,34 @@ def register(subparsers) -> None:
     train.add_argument("--data", default=None, metavar="DIR",
                        help='images + metadata.jsonl ({"file_name", "text", "boxes"} per line); default: the '
                             "shapes world's training images and stamp boxes")
-    train.add_argument("--images", type=int, default=None,
-                       help=f"shapes-world images without --data (default {SHAPES_IMAGES['model']} model setting, "
+    train.add_argument("--images", type=number(1, 10**6, integer=True), default=None,
+                       help=f"1 to 10^6 shapes-world images without --data (default {SHAPES_IMAGES['model']} model "
+                            "setting, "
                             f"{SHAPES_IMAGES['data']} data setting)")
     train.add_argument("--model", default=None, metavar="DIR", help="a shapes-world model folder (default: shipped)")
-    train.add_argument("--grid", type=int, default=d.grid, help=f"k of the k x k grid (default {d.grid})")
-    train.add_argument("--alpha", type=float, default=None,
-                       help=f"re-weighting; > 1 down-weights the concept's pixels ({default('alpha')})")
-    train.add_argument("--steps", type=int, default=None, help=default("steps"))
-    train.add_argument("--batch-size", type=int, default=None, help=default("batch_size"))
-    train.add_argument("--lr", type=float, default=None, help=f"of the tokens (default {d.lr:g})")
-    train.add_argument("--unet-lr", type=float, default=None, help=f"data setting (default {w['unet_lr']:g})")
-    train.add_argument("--warmup", type=int, default=None, help="data setting: steps of linear learning-rate "
+    train.add_argument("--grid", type=number(1, 64, integer=True), default=d.grid,
+                       help=f"k of the k x k grid, 1 to 64 (default {d.grid})")
+    train.add_argument("--alpha", type=number(high=1000), default=None,
+                       help=f"re-weighting, in (0, 1000]; > 1 down-weights the concept's pixels ({default('alpha')})")
+    train.add_argument("--steps", type=number(1, 10**7, integer=True), default=None,
+                       help="1 to 10^7; " + default("steps"))
+    train.add_argument("--batch-size", type=number(1, 4096, integer=True), default=None,
+                       help="1 to 4096; " + default("batch_size"))
+    train.add_argument("--lr", type=number(0, 1, low_inclusive=False), default=None,
+                       help=f"of the tokens, in (0, 1] (default {d.lr:g})")
+    train.add_argument("--unet-lr", type=number(0, 1, low_inclusive=False), default=None,
+                       help=f"data setting, in (0, 1] (default {w['unet_lr']:g})")
+    train.add_argument("--warmup", type=number(0, 10**7, integer=True), default=None,
+                       help="data setting: 0 to 10^7 steps of linear learning-rate "
                        f"warm-up (default {w.get('warmup', d.warmup)})")
-    train.add_argument("--caption-dropout", type=float, default=None,
-                       help="data setting: fraction of captions whose words are dropped, the concept's name and "
-                            f"tokens kept (default {w['caption_dropout']:g})")
-    train.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, 0 off; "
+    train.add_argument("--caption-dropout", type=number(0, 1), default=None,
+                       help="data setting: fraction (0 to 1) of captions whose words are dropped, the concept's name "
+                            f"and tokens kept (default {w['caption_dropout']:g})")
+    train.add_argument("--min-snr-gamma", type=number(0, 1000), default=None,
+                       help="min-SNR-γ loss weighting, 0 to 1000, 0 off; "
                        + default("min_snr_gamma") + ", the shapes world's own objective")
-    train.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    train.add_argument("--seed", type=number(0, MAX_SEED, integer=True), default=d.seed,
+                       help=f"0 to {MAX_SEED} (default {d.seed})")
     train.set_defaults(run=run)
 
 
@@ -87,6 +96,9 @@ def _train(args: argparse.Namespace) -> int:
     # Built (and so checked) before the model and the images are loaded: a bad option is refused at once.
     config = GeomTrainConfig(setting=setting, grid=args.grid, seed=args.seed,
                              **{**defaults, **{k: v for k, v in given.items() if v is not None}})
+    written = [args.out] if setting == "model" else [args.out, Path(args.out) / "unet",
+                                                      tokens_file(args.out, args.concept)]
+    refuse_outputs(written, [model_folder(args.model), args.data])
     pipe, _ = load_pipeline(args.model, kinds=("shapes",), user="train-geom (pixel-space models)")
     # In the data setting every caption is trained on and its words are dropped per step, so the shapes world's
     # captions come whole; the model setting keeps its earlier data.

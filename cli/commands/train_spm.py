@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from ...erasers.spm.train import SHAPES_DEFAULTS, SPMTrainConfig, train_spm
-from ..common import add_run_arguments, error, size, training_progress
-from ..pipelines import load_pipeline, parse_device
+from ...erasers.training.resumable import resume_path
+from ..common import add_run_arguments, error, number, refuse_outputs, size, training_progress
+from ..pipelines import load_pipeline, model_folder, parse_device
 
 
 def register(subparsers) -> None:
@@ -28,13 +29,14 @@ def register(subparsers) -> None:
                             "target, positive and neutral are all placed in it). Default: none (the bare prompts, "
                             "as the official configs) on SD; on the shapes world, every prompt naming the concept")
     train.add_argument("--out", required=True, metavar="FILE", help="the membrane to write (.safetensors)")
-    train.add_argument("--iterations", type=int, default=None,
-                       help=f"default: 3000 (SD), {world['iterations']} (shapes world)")
-    train.add_argument("--lr", type=float, default=None, help=f"default: 1e-4 (SD), {world['lr']:g} (shapes world)")
-    train.add_argument("--la-strength", type=float, default=None,
-                       help="β of latent anchoring (default 1000; 0 turns anchoring off)")
-    train.add_argument("--ddim-steps", type=int, default=None,
-                       help=f"default: 30 (SD), {world['ddim_steps']} (shapes world)")
+    train.add_argument("--iterations", type=number(0, 10**7, integer=True), default=None,
+                       help=f"0 to 10^7; default: 3000 (SD), {world['iterations']} (shapes world)")
+    train.add_argument("--lr", type=number(0, 1, low_inclusive=False), default=None,
+                       help=f"in (0, 1]; default: 1e-4 (SD), {world['lr']:g} (shapes world)")
+    train.add_argument("--la-strength", type=number(0, 10**6), default=None,
+                       help="β of latent anchoring, 0 to 10^6 (default 1000; 0 turns anchoring off)")
+    train.add_argument("--ddim-steps", type=number(1, 1000, integer=True), default=None,
+                       help=f"1 to 1000; default: 30 (SD), {world['ddim_steps']} (shapes world)")
     add_run_arguments(train)
     train.set_defaults(run=run)
 
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.out)
         if out.suffix.lower() != ".safetensors":
             raise ValueError(f"--out {out.name}: membranes are written as .safetensors")
+        refuse_outputs([out, resume_path(out)], [model_folder(args.model)])
         device = parse_device(args.device)
         pipe, kind = load_pipeline(args.model, device, user="SPM training")
         overrides = {name: value for name, value in (("iterations", args.iterations), ("lr", args.lr),

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..attack import soft_prompt
+from ..files import write_stream
 from ..io.clip_names import file_state_dict, load_file_state_dict, save_text_model, to_file_names
 from ..text import TransformersEncoder
 from ..training import resumable
@@ -312,8 +313,8 @@ def save_encoder(text_encoder, out: str | Path) -> Path:
     """The released layout (config.json + pytorch_model.bin, fp32 as released) plus model.safetensors, in file names
     (``text_model.*``) whichever transformers is installed."""
     out = save_text_model(text_encoder, out)
-    torch.save({k: v.detach().float().cpu().contiguous() for k, v in file_state_dict(text_encoder).items()},
-               out / "pytorch_model.bin")
+    state = {k: v.detach().float().cpu().contiguous() for k, v in file_state_dict(text_encoder).items()}
+    write_stream(out / "pytorch_model.bin", lambda stream: torch.save(state, stream))
     return out
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..erasure import Erasure, fingerprint
+from ..errors import InputError
 from ..families import kv_family
 from ..text import Encoded, Encoder, suffix_pair
 from . import solve
@@ -84,6 +85,29 @@ class EraseOptions:
             raise ValueError(f"λ must be > 0, got {self.lam}")
         if self.eot not in ("tokens", "words"):
             raise ValueError(f"unknown EoT position {self.eot!r}: use 'tokens' or 'words'")
+        self._refuse_no_ops(concepts)
+
+    def _refuse_no_ops(self, concepts: list[str]) -> None:
+        """An erased concept that is its own guide is mapped onto itself, and one that is also preserved is held
+        where it is: either way the erasure changes nothing for it, so it is refused rather than written."""
+        guides = self.guide or ([RECE_PRESETS[self.preset]["guide"]] if self.preset else [])
+        for i, concept in enumerate(concepts):
+            guide = guides[0] if len(guides) == 1 else guides[i] if guides else ""
+            if _same_text(concept, guide):
+                raise InputError(key="guide", expected="a guide other than the concept it replaces",
+                                 found=f"concept {concept!r} with guide {guide!r}",
+                                 fix="an erasure onto itself changes nothing: give another guide (the empty prompt "
+                                     "is the default)")
+            preserved = [p for p in self.preserve if _same_text(concept, p)]
+            if preserved:
+                raise InputError(key="preserve", expected="preserved concepts other than the erased ones",
+                                 found=f"{concept!r} both erased and preserved (as {preserved[0]!r})",
+                                 fix="a concept held in place cannot be erased: drop it from the preserved ones")
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Equal after case and runs of whitespace are ignored, as the tokenizer ignores them."""
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
 def _guides(opts: EraseOptions, concepts: list[str], default: str) -> list[str]:

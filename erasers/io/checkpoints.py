@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..errors import FileError
 from ..families import FamilyError, UNetLayout
+from ..files import write_stream
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -95,6 +96,14 @@ def _checked_path(path: str | os.PathLike) -> Path:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}: check the path (ComfyUI keeps them in models/checkpoints/)")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:  # else safetensors reports it as "No such file or directory"
+        raise CheckpointError(f"checkpoint {path} cannot be read (permission denied): give this user read access "
+                              "to it, e.g. chmod u+r") from None
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror or err})") from None
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path.name}: unknown checkpoint type {path.suffix.lower()!r}; expected "
@@ -186,13 +195,14 @@ _SAFETENSORS_DTYPES = {
 
 
 def write_checkpoint(
-    path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None,
+    *, inputs: Iterable = (),
 ) -> Path:
     """Write tensors (and string metadata) to a ``.safetensors`` file; the same input gives the same bytes.
 
     The file is written in the safetensors format but not with its library: the library orders ``__metadata__`` by
     a per-process hash seed, so two runs would give different files. The file appears under its name only when
-    complete, so an interrupted write never leaves a truncated checkpoint behind.
+    complete, so an interrupted write never leaves a truncated checkpoint behind; never over one of `inputs`.
     """
     path = Path(path)
     if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
@@ -229,20 +239,16 @@ def write_checkpoint(
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as out:
-            out.write(struct.pack("<Q", len(header_bytes)))
-            out.write(header_bytes)
-            for key in order:
-                tensor = tensors[key]
-                if tensor.numel():
-                    out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    def stream(out) -> None:
+        out.write(struct.pack("<Q", len(header_bytes)))
+        out.write(header_bytes)
+        for key in order:
+            tensor = tensors[key]
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+    # files.write_stream: a killed write leaves a temporary file the next write of `path` removes, never half a file
+    return write_stream(path, stream, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..erasure import Erasure, FamilyMismatchError
 from ..families import Family, FamilyError, UNetLayout, describe_model, family_from_context_dim
+from ..files import write_folder, write_stream
 from .checkpoints import (
     SAFETENSORS_SUFFIXES,
     UNET_PREFIX,
@@ -195,7 +196,7 @@ class SingleFile(ModelFiles):
         state = read_checkpoint(self.path) if self._pickle is None else self._pickle
         for name, key in keys.items():
             state[key] = merged_tensor(state[key], erasure.layers[name], strength)
-        write_checkpoint(out, state, metadata)
+        write_checkpoint(out, state, metadata, inputs=[self.path])
         self._pickle = None
         return MergeSummary(self.family, len(keys), strength, [out])
 
@@ -250,28 +251,33 @@ class DiffusersFolder(ModelFiles):
             for file_name, params in located.items():
                 by_param = {names_param: layer for layer, names_param in names.items() if names_param in params}
                 plans[weights.folder / file_name] = (weights, by_param)
-        out.mkdir(parents=True, exist_ok=True)
         summary = MergeSummary(self.family, len(names), strength)
-        for path in sorted(self.path.rglob("*")):
-            if path.is_dir():
-                continue
-            target = out / path.relative_to(self.path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            plan = plans.get(path)
-            if plan is None:
-                shutil.copy2(path, target)
-                summary.copied += 1
-                continue
-            _, by_param = plan
-            state = read_file(path)
-            for param, layer in by_param.items():
-                state[param] = merged_tensor(state[param], erasure.layers[layer], strength)
-            if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-                write_checkpoint(target, state, safetensors_metadata(path))
-            else:
-                torch.save(state, target)
-            del state
-            summary.written.append(target)
+
+        def fill(staging: Path) -> None:
+            for path in sorted(self.path.rglob("*")):
+                if path.is_dir():
+                    continue
+                target = staging / path.relative_to(self.path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                plan = plans.get(path)
+                if plan is None:
+                    shutil.copy2(path, target)
+                    summary.copied += 1
+                    continue
+                _, by_param = plan
+                state = read_file(path)
+                for param, layer in by_param.items():
+                    state[param] = merged_tensor(state[param], erasure.layers[layer], strength)
+                if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+                    write_checkpoint(target, state, safetensors_metadata(path))
+                else:
+                    write_stream(target, lambda stream, state=state: torch.save(state, stream))
+                del state
+                summary.written.append(out / path.relative_to(self.path))
+
+        # Built beside `out` and renamed: a killed merge leaves a stray folder the next merge to `out` removes,
+        # never a half-written model under the name.
+        write_folder(out, fill, inputs=[self.path])
         return summary
 
 

@@ -47,7 +47,8 @@ def parse_csv(text: str, seed: int = 0, source: str = "the CSV") -> list[PromptI
     if not text.strip():
         raise PromptListError(f"{source} is empty: write a header row with a 'prompt' column and one prompt per row")
     reader = csv.reader(io.StringIO(text))
-    header = [name.strip().lower() for name in next(reader)]
+    rows = _rows(reader, source)
+    header = [name.strip().lower() for name in next(rows)]
     if "prompt" not in header:
         raise PromptListError(
             f"{source} has no 'prompt' column (its columns: {', '.join(repr(h) for h in header)}); name the column "
@@ -60,7 +61,7 @@ def parse_csv(text: str, seed: int = 0, source: str = "the CSV") -> list[PromptI
         return row[column[name]].strip() if name in column and column[name] < len(row) else ""
 
     items = []
-    for row in reader:
+    for row in rows:
         if not any(value.strip() for value in row):
             continue  # a blank line, typically the last one
         index, where = len(items), f"{source} row {len(items) + 1} (line {reader.line_num})"
@@ -75,6 +76,21 @@ def parse_csv(text: str, seed: int = 0, source: str = "the CSV") -> list[PromptI
     if not items:
         raise PromptListError(f"{source} has a header row but no prompts")
     return items
+
+
+def _rows(reader, source: str):
+    """The reader's rows, with csv's own errors (a field over its 131072-character limit, a NUL byte) as a
+    PromptListError naming the file and line instead of a bare csv.Error."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise PromptListError(f"{source} line {reader.line_num}: not a readable CSV row ({err}); a quote left "
+                                  "open makes the rest of the file one field: close it, or shorten the cell") \
+                from None
+        yield row
 
 
 def _seed(text: str, column: str, where: str) -> int:

@@ -2,16 +2,18 @@
 
 A trainer has `step_count`, `step() -> losses`, `state_dict()` and `load_state_dict(state)` (which raises ValueError
 for a checkpoint of another run). The checkpoint is written beside the output as ``<out>.resume.pt`` (under a
-temporary name, then renamed, so an interruption never leaves half a file) and deleted by the caller once the
+temporary name, then renamed, by files.write_stream, so an interruption never leaves half a file, only a temporary
+file the next write removes) and deleted by the caller once the
 result is written.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+
+from ..files import write_stream
 
 Progress = Callable[[int, int, Mapping[str, float]], None]
 
@@ -33,9 +35,10 @@ def run(trainer, iterations: int, checkpoint: Path | None, every: int, resume: b
     while trainer.step_count < iterations:
         losses = trainer.step()
         if checkpoint is not None and every and trainer.step_count % every == 0 and trainer.step_count < iterations:
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            partial = checkpoint.with_name(checkpoint.name + ".tmp")
-            torch.save(trainer.state_dict(), partial)
-            os.replace(partial, checkpoint)
+            _save(checkpoint, trainer.state_dict())
         if progress is not None:
             progress(trainer.step_count, iterations, losses)
+
+
+def _save(checkpoint: Path, state: Mapping) -> None:
+    write_stream(checkpoint, lambda out: torch.save(state, out))

@@ -40,7 +40,7 @@ def test_bench_spm_restores_the_unet_after_the_reference(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--batch", "3"], "even"),
-    (["--membranes", "-1"], "0 or more"),
+    (["--membranes", "-1"], "argument --membranes: expected a number in [0, 1000], found -1"),
     pytest.param(["--device", "cuda"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])

@@ -241,7 +241,7 @@ def test_apply_refuses_to_overwrite_its_input(capsys, tmp_path, micro_checkpoint
     shutil.copy(micro_checkpoint, copy)
     before = copy.read_bytes()
     code, _, stderr = run(capsys, "apply", "--erasure", erasure, "--checkpoint", copy, "--out", copy)
-    assert code == 2 and "is the input checkpoint" in stderr
+    assert code == 2 and "is one of this command's inputs" in stderr
     assert copy.read_bytes() == before
     code, _, stderr = run(capsys, "apply", "--erasure", erasure, "--checkpoint", copy, "--out", tmp_path / "m.ckpt")
     assert code == 2 and ".safetensors" in stderr
@@ -405,10 +405,11 @@ def test_a_file_without_cross_attention(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--concept", " "], "no concept to erase"),
-    (["--concept", "dog", "--lam", "0"], "λ must be > 0"),
-    (["--concept", "dog", "--lam", "-1"], "λ must be > 0"),
+    (["--concept", "dog", "--lam", "0"], "argument --lam: expected a number in (0, 100], found '0'"),
+    (["--concept", "dog", "--lam", "-1"], "argument --lam: expected a number in (0, 100], found '-1'"),
     (["--concept", "dog", "--guide", "a", "--guide", "b"], "2 guide concepts for 1 erased concepts"),
-    (["--concept", "dog", "--trce-prior-captions", "0"], "COCO captions"),
+    (["--concept", "dog", "--trce-prior-captions", "0"], "argument --trce-prior-captions: expected a number in [1, "
+                                                         "2000], found 0"),
 ])
 def test_option_errors_come_before_reading_the_model(capsys, tmp_path, argv, message):
     method = "trce" if "--trce-prior-captions" in argv else "uce"
