@@ -47,6 +47,25 @@ def suffix_pair(concept: Encoded, i: int, guide: Encoded, j: int) -> tuple[torch
 
 
 Encoder = Callable[[Sequence[str]], Encoded]
+BATCH_SIZE = 32  # prompts per text-encoder call: 32×77 tokens, far from a GPU's memory, ~30× fewer calls
+
+
+def encode_each(items: Sequence, encode_batch: Callable[[Sequence], Encoded], batch_size: int = BATCH_SIZE,
+                progress: Callable[[int, int], None] | None = None) -> Encoded:
+    """`items` encoded `batch_size` at a time by `encode_batch`, joined in order. `progress(done, total)` runs after
+    each batch; it may raise to stop the work between batches (ComfyUI's interrupt)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    embeddings, lengths = [], []
+    for start in range(0, len(items), batch_size):
+        part = encode_batch(items[start:start + batch_size])
+        embeddings.append(part.embeddings)
+        lengths.extend(part.lengths)
+        if progress is not None:
+            progress(min(start + batch_size, len(items)), len(items))
+    if not embeddings:
+        raise ValueError("no prompts to encode")
+    return Encoded(torch.cat(embeddings), lengths)
 
 
 def warn_truncated(prompt: str, tokens: int, cut_text: str) -> None:

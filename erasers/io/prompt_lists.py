@@ -49,9 +49,10 @@ def parse_csv(text: str, seed: int = 0, source: str = "the CSV") -> list[PromptI
     reader = csv.reader(io.StringIO(text))
     header = [name.strip().lower() for name in next(reader)]
     if "prompt" not in header:
+        # The header's names stay out of the message: on a shared server they may be what someone else's file holds.
         raise PromptListError(
-            f"{source} has no 'prompt' column (its columns: {', '.join(repr(h) for h in header)}); name the column "
-            "that holds the prompts 'prompt' in the header row, or use a .txt file with one prompt per line")
+            f"{source} has no 'prompt' column in its header row ({len(header)} columns, none named 'prompt'); name "
+            "the column that holds the prompts 'prompt', or use a .txt file with one prompt per line")
     column = {name: header.index(name) for name in header}
     seed_col = next((c for c in SEED_COLUMNS if c in column), None)
     guidance_col = next((c for c in GUIDANCE_COLUMNS if c in column), None)
