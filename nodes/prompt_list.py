@@ -23,7 +23,7 @@ def _items(prompts: str, file: str, seed: int) -> list[PromptItem]:
         raise PromptListError("type the prompts or choose a file, not both: clear the 'prompts' box or set 'file' "
                               f"to {NO_FILE!r}")
     if not _no_file(file):
-        return read_prompt_file(input_file(file, "file", SUFFIXES), seed)
+        return read_prompt_file(input_file(file, "file", SUFFIXES), seed, quote=False)  # no file text in errors
     items = parse_text(prompts, seed)
     if not items:
         raise PromptListError("no prompts: type one per line in 'prompts', or choose a .csv/.txt file in 'file'")
