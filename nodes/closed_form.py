@@ -103,7 +103,9 @@ class EraseConcepts:
         )
         check_work(opts)
         opts.validate()
-        encoder = ComfyEncoder(clip, progress=between_steps(len(opts.concepts)), check_tokens=check_tokens)
+        # ~1 s per text-encoder call: 32 prompts on a GPU, fewer on a CPU, so the Cancel button acts within seconds.
+        encoder = ComfyEncoder(clip, progress=between_steps(len(opts.concepts)), check_tokens=check_tokens,
+                               seconds=1.0)
         prior = recipes.caption_prior(encoder, coco_captions(trce_prior_captions)) if method == "trce" else None
         progress = between_steps(opts.epochs or recipes.RECE_PRESETS.get(opts.preset or "", {}).get("epochs", 1))
         kv = kv_weights(model)

@@ -116,15 +116,17 @@ class ComfyEncoder:
     between batches (nodes pass one that honours ComfyUI's interrupt), after every prompt's length was checked.
     """
 
-    def __init__(self, clip, batch_size: int = BATCH_SIZE, progress=None, check_tokens=None):
+    def __init__(self, clip, batch_size: int = BATCH_SIZE, progress=None, check_tokens=None,
+                 seconds: float | None = None):
         self.clip = clip
         self.batch_size = batch_size
         self.progress = progress
+        self.seconds = seconds  # a target time per call (encode_each), so an interrupt is honoured within about it
         self.check_tokens = check_tokens  # (tokens, what) -> raises above a limit: nodes/inputs.py check_tokens
 
     def __call__(self, prompts) -> Encoded:
         tokenized = [self._tokenize(prompt) for prompt in prompts]  # every prompt checked before any is encoded
-        return encode_each(tokenized, self._encode_batch, self.batch_size, self.progress)
+        return encode_each(tokenized, self._encode_batch, self.batch_size, self.progress, self.seconds)
 
     def _tokenize(self, prompt: str) -> tuple[dict, int]:
         tokens = self.clip.tokenize(prompt)

@@ -279,8 +279,9 @@ def test_erase_concepts_stops_at_comfyuis_interrupt_between_batches_and_reports_
         del clip.encode_from_tokens
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
-    assert len(calls) == 2  # 100 concepts would take 4 calls of 32; it stopped after the one that saw the interrupt
-    assert progress == [(32, 100)]  # the bar moved after the first batch; the second ended in the interrupt
+    assert len(calls) == 2  # it stopped after the call that saw the interrupt
+    (done, total), = progress  # the bar moved after the first batch; the second ended in the interrupt
+    assert total == 100 and 1 <= done < 100
 
 
 # --- against a real ComfyUI ------------------------------------------------------------------------------------

@@ -100,3 +100,20 @@ def test_encode_each_stops_between_batches_when_progress_raises():
 def test_encode_each_refuses_a_batch_size_below_one():
     with pytest.raises(ValueError, match="batch_size must be ≥ 1, got 0"):
         encode_each([1], _fake_batch, batch_size=0)
+
+
+def test_encode_each_sizes_its_batches_to_a_target_time():
+    """Batches start at one item and double while quick, halve when slow: a stop comes within about the target."""
+    import time
+
+    sizes = []
+
+    def batch(items):
+        sizes.append(len(items))
+        time.sleep(0.2 * len(items) if len(sizes) in (7, 8) else 0.02 * len(items))  # the 7th and 8th are slow
+        return _fake_batch(items)
+
+    out = encode_each(list(range(100)), batch, batch_size=8, seconds=0.5)
+    assert out.embeddings.flatten().tolist() == list(range(100)) and out.lengths == list(range(100))
+    assert sizes[:7] == [1, 2, 4, 8, 8, 8, 8]  # 0.16 s for 8 items is under half the target: capped at batch_size
+    assert sizes[7:11] == [4, 2, 1, 2]  # 1.6 s, then 0.8 s: over the target, halved each time; then quick again
