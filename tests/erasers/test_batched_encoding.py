@@ -116,4 +116,4 @@ def test_encode_each_sizes_its_batches_to_a_target_time():
     out = encode_each(list(range(100)), batch, batch_size=8, seconds=0.5)
     assert out.embeddings.flatten().tolist() == list(range(100)) and out.lengths == list(range(100))
     assert sizes[:7] == [1, 2, 4, 8, 8, 8, 8]  # 0.16 s for 8 items is under half the target: capped at batch_size
-    assert sizes[7:11] == [4, 2, 1, 2]  # 1.6 s, then 0.8 s: over the target, halved each time; then quick again
+    assert sizes[7:11] == [4, 2, 4, 8]  # after 1.6 s, then 0.8 s (over the target): halved twice; then quick again
