@@ -340,7 +340,8 @@ def test_a_server_refuses_ten_thousand_concepts_at_once(comfy_server, tiny_check
     with pytest.raises(ComfyError, match=r"10000 concepts to erase is more than the limit of 500.*"
                                          r"ERASEKIT_MAX_CONCEPTS"):
         comfy_server.client.run(_erase_prompt(tiny_checkpoint.name, 1.0, concepts), timeout=120)
-    print(f"10,000 concepts refused in {time.perf_counter() - started:.2f} s (queue to error, checkpoint loaded)")
+    print(f"10,000 concepts refused in {time.perf_counter() - started:.2f} s (queue to error; loading the "
+          "checkpoint included when not cached)")
 
 
 @pytest.mark.slow
@@ -369,10 +370,10 @@ def test_a_thousand_concepts_stop_within_seconds_of_post_interrupt(tmp_path, tin
                 break
             time.sleep(0.1)
         stopped = time.perf_counter() - asked
-        messages = [m[0] for m in entry["status"]["messages"]]
+        interrupted = [data for kind, data in entry["status"]["messages"] if kind == "execution_interrupted"]
         print(f"1,000 concepts: /interrupt → prompt ended in {stopped:.2f} s; server peak RSS "
               f"{peak / 2**30:.2f} GiB")
-        assert "execution_interrupted" in messages and stopped < 10
+        assert stopped < 10 and interrupted[0]["node_type"] == "EraseKitEraseConcepts"  # inside the encoding
         entry = client.run(_erase_prompt(tiny_checkpoint.name, 1.0), timeout=300)  # the server goes on
         assert len(client.images(entry)) == 1
 
