@@ -8,6 +8,7 @@ from ..erasers.advunlearn.encoder import AdvUnlearnEncoder, check_fits, load_adv
 from ..erasers.families import text_encoders
 from ..erasers.io import comfy_folders
 from .comfy_adapter import original_weight
+from .inputs import checked_numbers, folder_file
 
 CATEGORY = "EraseKit"
 FOLDER = comfy_folders.TEXT_ENCODERS
@@ -41,17 +42,13 @@ class LoadAdvUnlearn:
 
     @classmethod
     def IS_CHANGED(cls, encoder_name, **_):
-        import folder_paths
-
-        path = folder_paths.get_full_path(FOLDER, encoder_name)
-        return os.path.getmtime(path) if path else ""
+        try:
+            return os.path.getmtime(folder_file(FOLDER, encoder_name, "encoder_name"))
+        except (ValueError, OSError):
+            return ""  # load() reports it
 
     def load(self, clip, encoder_name, strength):
-        import folder_paths
-
-        path = folder_paths.get_full_path(FOLDER, encoder_name)
-        if path is None:
-            raise FileNotFoundError(f"no text encoder {encoder_name!r} in models/text_encoders (or models/clip)")
+        path = folder_file(FOLDER, encoder_name, "encoder_name")
         key = (path, os.path.getmtime(path))
         if self.loaded is None or self.loaded[0] != key:
             self.loaded = (key, load_advunlearn(path))
@@ -84,5 +81,5 @@ def apply_text_encoder(clip, encoder: AdvUnlearnEncoder, strength: float = 1.0):
     return patched
 
 
-NODE_CLASS_MAPPINGS = {"EraseKitLoadAdvUnlearn": LoadAdvUnlearn}
+NODE_CLASS_MAPPINGS = {"EraseKitLoadAdvUnlearn": checked_numbers(LoadAdvUnlearn)}
 NODE_DISPLAY_NAME_MAPPINGS = {"EraseKitLoadAdvUnlearn": "Load AdvUnlearn Text Encoder (EraseKit)"}

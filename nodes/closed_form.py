@@ -11,6 +11,7 @@ from ..erasers.erasure import Erasure
 from ..erasers.families import kv_family
 from ..erasers.io import comfy_folders
 from .comfy_adapter import ATTENTION, ComfyEncoder, apply_erasure, kv_weights, models_folder, unet_weights
+from .inputs import between_steps, check_count, check_tokens, checked_numbers, folder_file, inside_folder
 
 CATEGORY = "EraseKit"
 FOLDER = comfy_folders.ERASURES
@@ -36,11 +37,11 @@ def split_concepts(text: str) -> list[str]:
     return [part.strip() for part in re.split(r"[\n;,]", text) if part.strip()]
 
 
-def _progress(total_steps: int):
-    import comfy.utils
-
-    bar = comfy.utils.ProgressBar(total_steps)
-    return lambda done, total: bar.update_absolute(done, total)
+def check_work(opts) -> None:
+    """Refuse more concepts, guides or preserved concepts than the limit before anything is encoded."""
+    for what, items in (("concepts to erase", opts.concepts), ("guide concepts", opts.guide),
+                        ("concepts to preserve", opts.preserve)):
+        check_count(what, len(items), "concepts")
 
 
 class EraseConcepts:
@@ -100,10 +101,13 @@ class EraseConcepts:
             preset=None if rece_preset == "none" else rece_preset,
             epochs=None if rece_epochs < 0 else rece_epochs,
         )
+        check_work(opts)
         opts.validate()
-        encoder = ComfyEncoder(clip)
+        # ~1 s per text-encoder call: 32 prompts on a GPU, fewer on a CPU, so the Cancel button acts within seconds.
+        encoder = ComfyEncoder(clip, progress=between_steps(len(opts.concepts)), check_tokens=check_tokens,
+                               seconds=1.0)
         prior = recipes.caption_prior(encoder, coco_captions(trce_prior_captions)) if method == "trce" else None
-        progress = _progress(opts.epochs or recipes.RECE_PRESETS.get(opts.preset or "", {}).get("epochs", 1))
+        progress = between_steps(opts.epochs or recipes.RECE_PRESETS.get(opts.preset or "", {}).get("epochs", 1))
         kv = kv_weights(model)
         erasure = recipes.erase(kv, encoder, kv_family(kv).name, opts,
                                      progress=progress if method == "rece" else None, prior=prior)
@@ -129,6 +133,7 @@ class SaveErasure:
         counter = 1
         while os.path.exists(path := os.path.join(root, f"{prefix}_{counter:05}.safetensors")):
             counter += 1
+        inside_folder(path, [root], filename_prefix, "filename_prefix", f"models/{FOLDER}")  # a symlinked subfolder
         erasure.save(path)
         name = os.path.relpath(path, root)
         return {"ui": {"text": [f"saved {name}: {erasure.method} erasing {', '.join(erasure.concepts)}"]}}
@@ -158,27 +163,23 @@ class LoadErasure:
 
     @classmethod
     def IS_CHANGED(cls, erasure_name, **_):
-        import folder_paths
-
         erasers_folder()
-        path = folder_paths.get_full_path(FOLDER, erasure_name)
-        return os.path.getmtime(path) if path else ""
+        try:
+            return os.path.getmtime(folder_file(FOLDER, erasure_name, "erasure_name"))
+        except (ValueError, OSError):
+            return ""  # load() reports it
 
     def load(self, model, erasure_name, strength):
-        import folder_paths
-
         erasers_folder()
-        path = folder_paths.get_full_path(FOLDER, erasure_name)
-        if path is None:
-            raise FileNotFoundError(f"no erasure {erasure_name!r} in models/{FOLDER}")
+        path = folder_file(FOLDER, erasure_name, "erasure_name")
         erasure = load_any_erasure(path, model)
         return (apply_erasure(model, erasure, strength), erasure)
 
 
 NODE_CLASS_MAPPINGS = {
-    "EraseKitEraseConcepts": EraseConcepts,
+    "EraseKitEraseConcepts": checked_numbers(EraseConcepts),
     "EraseKitSaveErasure": SaveErasure,
-    "EraseKitLoadErasure": LoadErasure,
+    "EraseKitLoadErasure": checked_numbers(LoadErasure),
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "EraseKitEraseConcepts": "Erase Concepts, closed form (EraseKit)",

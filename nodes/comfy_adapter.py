@@ -12,7 +12,7 @@ import torch
 
 from ..erasers.erasure import Erasure, ErasureMisfitError
 from ..erasers.families import FamilyError, UNetLayout, kv_family
-from ..erasers.text import CONTEXT_TOKENS, WORD_WINDOW, Encoded, warn_truncated
+from ..erasers.text import BATCH_SIZE, CONTEXT_TOKENS, WORD_WINDOW, Encoded, encode_each, warn_truncated
 
 
 def models_folder(name: str, extensions: set[str]) -> str:
@@ -32,6 +32,7 @@ _KV = re.compile(r"^diffusion_model\.(.+\.attn2\.to_[kv]\.weight)$")
 # Every attention parameter inside the transformer blocks: what official TRCE releases edit besides K/V.
 ATTENTION = re.compile(r"^diffusion_model\.(.+\.attn[12]\..+)$")
 END_TOKEN = 49407  # CLIP's end-of-text id, in every SD tokenizer ComfyUI ships
+SPECIAL = (END_TOKEN, 49406, 0)  # end, start, and SDXL's "g" padding
 
 
 def _layout(model) -> UNetLayout:
@@ -127,28 +128,47 @@ def _fit_weights(model, erasure: Erasure, attention: dict[str, torch.Tensor]) ->
 
 
 class ComfyEncoder:
-    """Encode prompts with a ComfyUI CLIP exactly as CLIPTextEncode does (its layer setting and patches included)."""
+    """Encode prompts with a ComfyUI CLIP exactly as CLIPTextEncode does (its layer setting and patches included),
+    `batch_size` prompts per text-encoder call.
 
-    def __init__(self, clip):
+    ComfyUI encodes a prompt's 77-token chunks as one batch, each chunk on its own (padded to 77 by itself), and
+    joins them along the tokens. Only a prompt's first chunk is an erasure key, so the first chunks of several
+    prompts go in as the chunks of one: the same per-chunk computation, one call. `progress(done, total)` runs
+    between batches (nodes pass one that honours ComfyUI's interrupt), after every prompt's length was checked.
+    """
+
+    def __init__(self, clip, batch_size: int = BATCH_SIZE, progress=None, check_tokens=None,
+                 seconds: float | None = None):
         self.clip = clip
+        self.batch_size = batch_size
+        self.progress = progress
+        self.seconds = seconds  # a target time per call (encode_each), so an interrupt is honoured within about it
+        self.check_tokens = check_tokens  # (tokens, what) -> raises above a limit: nodes/inputs.py check_tokens
 
     def __call__(self, prompts) -> Encoded:
-        embeddings, lengths = [], []
-        for prompt in prompts:
-            tokens = self.clip.tokenize(prompt)
-            ids = [t[0] for t in next(iter(tokens.values()))[0]]
-            words = ids.index(END_TOKEN) - 1 if END_TOKEN in ids else WORD_WINDOW
-            chunks = next(iter(tokens.values()))
-            if len(chunks) > 1:
-                self._warn_cut(prompt, chunks)
-            cond = self.clip.encode_from_tokens(tokens)
-            embeddings.append(cond[0, :CONTEXT_TOKENS].float().cpu())
-            lengths.append(words)
-        return Encoded(torch.stack(embeddings), lengths)
+        tokenized = [self._tokenize(prompt) for prompt in prompts]  # every prompt checked before any is encoded
+        return encode_each(tokenized, self._encode_batch, self.batch_size, self.progress, self.seconds)
+
+    def _tokenize(self, prompt: str) -> tuple[dict, int]:
+        tokens = self.clip.tokenize(prompt)
+        chunks = next(iter(tokens.values()))
+        ids = [t[0] for t in chunks[0]]
+        words = ids.index(END_TOKEN) - 1 if END_TOKEN in ids else WORD_WINDOW
+        if self.check_tokens is not None:
+            self.check_tokens(tokens, f"the prompt {prompt[:40]!r}")
+        if len(chunks) > 1:
+            self._warn_cut(prompt, chunks)
+        return {key: value[:1] for key, value in tokens.items()}, words
+
+    def _encode_batch(self, batch) -> Encoded:
+        packed = {key: [chunk for tokens, _ in batch for chunk in tokens[key]] for key in batch[0][0]}
+        cond = self.clip.encode_from_tokens(packed)  # [1, len(batch)·77, width]
+        embeddings = cond[0].reshape(len(batch), -1, cond.shape[-1])[:, :CONTEXT_TOKENS].float().cpu()
+        return Encoded(embeddings, [words for _, words in batch])
 
     def _warn_cut(self, prompt: str, chunks) -> None:
         """ComfyUI splits long prompts into 77-token chunks; only the first is an erasure key. Name the cut words."""
-        extra = sum(1 for chunk in chunks[1:] for t in chunk if t[0] not in (END_TOKEN, 49406, 0))
+        extra = sum(1 for chunk in chunks[1:] for t in chunk if not isinstance(t[0], int) or t[0] not in SPECIAL)
         first, *rest = next(iter(self.clip.tokenize(prompt, return_word_ids=True).values()))
         kept = {t[2] for t in first}
         cut = sorted({t[2] for chunk in rest for t in chunk if t[2] and t[2] not in kept})

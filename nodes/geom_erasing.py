@@ -12,6 +12,7 @@ from ..erasers.geom.negatives import (
     parse_cells,
     plain_negative,
 )
+from .inputs import checked_numbers, folder_file
 
 CATEGORY = "EraseKit"
 NO_FILE = "none (plain words)"
@@ -74,9 +75,7 @@ class GeomErasingNegative:
         cells = parse_cells(locations, grid)
         if embedding == NO_FILE:
             return (encode_tokens(clip, clip.tokenize(append_negative(negative, plain_negative(name, cells, grid)))),)
-        import folder_paths
-
-        tokens = LocationTokens.load(folder_paths.get_full_path("embeddings", embedding))
+        tokens = LocationTokens.load(folder_file("embeddings", embedding, "embedding"))
         if tokens.concept != name:
             raise GeomError(f"{embedding} holds location tokens of {tokens.concept!r}, not {name!r}: choose that "
                             "concept")
@@ -94,5 +93,5 @@ class GeomErasingNegative:
         return (encode_tokens(clip, {key: splice(chunks[key], tokens.select(cells), sub.end_token)}),)
 
 
-NODE_CLASS_MAPPINGS = {"EraseKitGeomErasingNegative": GeomErasingNegative}
+NODE_CLASS_MAPPINGS = {"EraseKitGeomErasingNegative": checked_numbers(GeomErasingNegative)}
 NODE_DISPLAY_NAME_MAPPINGS = {"EraseKitGeomErasingNegative": "Geom-Erasing Negative (EraseKit)"}

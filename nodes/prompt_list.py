@@ -1,32 +1,54 @@
-"""Node: a prompt list (typed, or an I2P-style .csv / a .txt file) as one batch: one conditioning that stacks a
-prompt per batch item, the negative repeated to the same batch, an empty latent and per-item noise (parsing:
-erasers/io/prompt_lists.py)."""
+"""Node: a prompt list (typed, or an I2P-style .csv / a .txt file from ComfyUI's input folder) as one batch: one
+conditioning that stacks a prompt per batch item, the negative repeated to the same batch, an empty latent and
+per-item noise (parsing: erasers/io/prompt_lists.py)."""
 from __future__ import annotations
 
 import math
 import os
 
 from ..erasers.io.prompt_lists import MAX_SEED, PromptItem, PromptListError, parse_text, read_prompt_file, select
+from .inputs import check_count, checked_numbers, input_file, input_files, prompt_tokens
 
 CATEGORY = "EraseKit"
+NO_FILE = "none (typed prompts)"
+SUFFIXES = (".csv", ".txt")
 
 
-def _path(file: str) -> str:
-    """A file path as typed: absolute, or relative to ComfyUI's input folder."""
-    import folder_paths
-
-    return os.path.join(folder_paths.get_input_directory(), os.path.expanduser(file.strip()))
+def _no_file(file: str) -> bool:
+    return file.strip() in ("", NO_FILE)  # "": workflows from before the picker, and `erasekit batch`
 
 
 def _items(prompts: str, file: str, seed: int) -> list[PromptItem]:
-    if file.strip() and prompts.strip():
-        raise PromptListError("type the prompts or name a file, not both: clear the 'prompts' box or the 'file' input")
-    if file.strip():
-        return read_prompt_file(_path(file), seed)
+    if not _no_file(file) and prompts.strip():
+        raise PromptListError("type the prompts or choose a file, not both: clear the 'prompts' box or set 'file' "
+                              f"to {NO_FILE!r}")
+    if not _no_file(file):
+        return read_prompt_file(input_file(file, "file", SUFFIXES), seed, quote=False)  # no file text in errors
     items = parse_text(prompts, seed)
     if not items:
-        raise PromptListError("no prompts: type one per line in 'prompts', or name a .csv/.txt file in 'file'")
+        raise PromptListError("no prompts: type one per line in 'prompts', or choose a .csv/.txt file in 'file'")
     return items
+
+
+def check_work(clip, items: list[PromptItem], negative: str) -> None:
+    """Refuse a batch above the prompt limit, or a prompt above the token limit, before encoding any of them."""
+    check_count("prompts in the batch", len(items), "prompts")
+    for item in items:
+        prompt_tokens(clip, item.prompt, f"prompt {item.index}")
+    prompt_tokens(clip, negative, "the negative prompt")
+
+
+def _encode_each(clip, texts: list[str]) -> list:
+    """Each text as CLIPTextEncode encodes it (its pooled output and extras per prompt), with ComfyUI's progress bar
+    and interrupt honoured between prompts."""
+    from .inputs import between_steps
+
+    step = between_steps(len(texts))
+    entries = []
+    for done, text in enumerate(texts, 1):
+        entries.append(_encode(clip, text))
+        step(done, len(texts))
+    return entries
 
 
 def _encode(clip, text: str):
@@ -107,9 +129,9 @@ class PromptList:
                 "clip": ("CLIP",),
                 "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One prompt per line (blank "
                                        "lines skipped). Leave empty to read 'file'."}),
-                "file": ("STRING", {"default": "", "tooltip": "A .csv with a 'prompt' column (I2P layout; its "
-                                    "guidance column is for erasekit batch, not read here) or a .txt with one prompt "
-                                    "per line; absolute, or relative to ComfyUI's input folder."}),
+                "file": ([NO_FILE, *input_files(SUFFIXES)], {"default": NO_FILE, "tooltip": "A .csv with a "
+                         "'prompt' column (I2P layout; its guidance column is for erasekit batch, not read here) or "
+                         "a .txt with one prompt per line, from ComfyUI's input folder."}),
                 "negative": ("STRING", {"multiline": True, "default": ""}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": "Rows without an "
                                  "evaluation_seed get seed + their row index."}),
@@ -122,21 +144,39 @@ class PromptList:
         }
 
     @classmethod
-    def IS_CHANGED(cls, file="", **_):
-        path = _path(file) if file.strip() else ""
-        return os.path.getmtime(path) if path and os.path.exists(path) else ""  # rerun when the file is edited
+    def VALIDATE_INPUTS(cls, file=NO_FILE):
+        """Any file in the input folder, not only those listed when the page loaded; "" from older workflows."""
+        if _no_file(file):
+            return True
+        try:
+            input_file(file, "file", SUFFIXES)
+        except PromptListError as err:
+            return str(err)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, file=NO_FILE, **_):
+        if _no_file(file):
+            return ""
+        try:
+            return os.path.getmtime(input_file(file, "file", SUFFIXES))  # rerun when the file is edited
+        except (ValueError, OSError):
+            return ""  # build() reports it
 
     def build(self, clip, prompts, file, negative, seed, start, count, width, height):
         import nodes
 
         items = select(_items(prompts, file, seed), start, count)
+        check_work(clip, items, negative)
         batch = len(items)
-        positive = stack([_encode(clip, item.prompt) for item in items])
+        positive = stack(_encode_each(clip, [item.prompt for item in items]))
         negative = stack([_encode(clip, negative)] * batch)
         (latent,) = nodes.EmptyLatentImage().generate(width, height, batch)
         latent["batch_index"] = [item.index for item in items]
         return positive, negative, latent, SeedNoise([item.seed for item in items]), [item.prompt for item in items]
 
 
-NODE_CLASS_MAPPINGS = {"EraseKitPromptList": PromptList}
+NODE_CLASS_MAPPINGS = {"EraseKitPromptList": checked_numbers(PromptList)}
 NODE_DISPLAY_NAME_MAPPINGS = {"EraseKitPromptList": "EraseKit Prompt List"}

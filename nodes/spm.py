@@ -8,6 +8,7 @@ from pathlib import Path
 from ..erasers.io import comfy_folders
 from ..erasers.spm.membrane import Membrane, MissingConceptsError, load_membrane
 from .comfy_adapter import models_folder
+from .inputs import checked_numbers, folder_file
 from .membrane_adapter import apply_membrane
 
 CATEGORY = "EraseKit"
@@ -61,19 +62,15 @@ class LoadMembrane:
 
     @classmethod
     def IS_CHANGED(cls, membrane_name, **_):
-        import folder_paths
-
         spm_folder()
-        path = folder_paths.get_full_path(FOLDER, membrane_name)
-        return os.path.getmtime(path) if path else ""
+        try:
+            return os.path.getmtime(folder_file(FOLDER, membrane_name, "membrane_name"))
+        except (ValueError, OSError):
+            return ""  # load() reports it
 
     def load(self, model, clip, membrane_name, strength, facilitated_transport=True, combine="additive", concepts=""):
-        import folder_paths
-
         spm_folder()
-        path = folder_paths.get_full_path(FOLDER, membrane_name)
-        if path is None:
-            raise FileNotFoundError(f"no SPM membrane {membrane_name!r} in models/{FOLDER}")
+        path = folder_file(FOLDER, membrane_name, "membrane_name")
         key = (path, os.path.getmtime(path), concepts, facilitated_transport)
         if self.loaded is None or self.loaded[0] != key:
             self.loaded = (key, _read(path, concepts, facilitated_transport))
@@ -93,5 +90,5 @@ def _read(path: str, concepts: str, ft: bool) -> Membrane:
         return load_membrane(path, [Path(path).stem])  # FT off never compares prompts with the concepts
 
 
-NODE_CLASS_MAPPINGS = {"EraseKitLoadMembrane": LoadMembrane}
+NODE_CLASS_MAPPINGS = {"EraseKitLoadMembrane": checked_numbers(LoadMembrane)}
 NODE_DISPLAY_NAME_MAPPINGS = {"EraseKitLoadMembrane": "Load SPM Membrane (EraseKit)"}

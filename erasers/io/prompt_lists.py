@@ -43,15 +43,18 @@ def parse_text(text: str, seed: int = 0) -> list[PromptItem]:
     return [PromptItem(i, line, seed + i) for i, line in enumerate(lines)]
 
 
-def parse_csv(text: str, seed: int = 0, source: str = "the CSV") -> list[PromptItem]:
+def parse_csv(text: str, seed: int = 0, source: str = "the CSV", quote: bool = True) -> list[PromptItem]:
+    """The CSV's items. `quote`: messages may quote the file's header and cells (False on a shared server, where the
+    file may be someone else's)."""
     if not text.strip():
         raise PromptListError(f"{source} is empty: write a header row with a 'prompt' column and one prompt per row")
     reader = csv.reader(io.StringIO(text))
     rows = _rows(reader, source)
     header = [name.strip().lower() for name in next(rows)]
     if "prompt" not in header:
+        columns = ', '.join(repr(h) for h in header) if quote else f"{len(header)}, none named 'prompt'"
         raise PromptListError(
-            f"{source} has no 'prompt' column (its columns: {', '.join(repr(h) for h in header)}); name the column "
+            f"{source} has no 'prompt' column (its columns: {columns}); name the column "
             "that holds the prompts 'prompt' in the header row, or use a .txt file with one prompt per line")
     column = {name: header.index(name) for name in header}
     seed_col = next((c for c in SEED_COLUMNS if c in column), None)
@@ -69,8 +72,8 @@ def parse_csv(text: str, seed: int = 0, source: str = "the CSV") -> list[PromptI
         items.append(PromptItem(
             index=index,
             prompt=cell(row, "prompt"),
-            seed=_seed(seed_text, seed_col, where) if seed_text else seed + index,
-            guidance=_guidance(guidance_text, guidance_col, where) if guidance_text else None,
+            seed=_seed(seed_text, seed_col, where, quote) if seed_text else seed + index,
+            guidance=_guidance(guidance_text, guidance_col, where, quote) if guidance_text else None,
             categories=cell(row, "categories") or None,
         ))
     if not items:
@@ -93,7 +96,7 @@ def _rows(reader, source: str):
         yield row
 
 
-def _seed(text: str, column: str, where: str) -> int:
+def _seed(text: str, column: str, where: str, quote: bool = True) -> int:
     try:
         value: int | None = int(text)
     except ValueError:
@@ -103,24 +106,27 @@ def _seed(text: str, column: str, where: str) -> int:
             number = math.nan
         value = int(number) if number.is_integer() else None
     if value is None or not 0 <= value <= MAX_SEED:
-        raise PromptListError(f"{where}: {column} {text!r} is not a whole number from 0 to {MAX_SEED}; fix the "
-                              f"cell, or leave it empty to use the seed option + the row's index")
+        cell = f" {text!r}" if quote else ""
+        raise PromptListError(f"{where}: {column}{cell} is not a whole number from 0 to {MAX_SEED}; fix the cell, "
+                              "or leave it empty to use the seed option + the row's index")
     return value
 
 
-def _guidance(text: str, column: str, where: str) -> float:
+def _guidance(text: str, column: str, where: str, quote: bool = True) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value >= 0):
-        raise PromptListError(f"{where}: {column} {text!r} is not a guidance scale (a number >= 0); fix the cell, "
+        cell = f" {text!r}" if quote else ""
+        raise PromptListError(f"{where}: {column}{cell} is not a guidance scale (a number >= 0); fix the cell, "
                               "or leave it empty to use the workflow's")
     return value
 
 
-def read_prompt_file(path: str | Path, seed: int = 0) -> list[PromptItem]:
-    """A .csv file (header with a 'prompt' column) or any other text file (one prompt per line)."""
+def read_prompt_file(path: str | Path, seed: int = 0, quote: bool = True) -> list[PromptItem]:
+    """A .csv file (header with a 'prompt' column) or any other text file (one prompt per line); `quote` as in
+    parse_csv."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets save UTF-8 with a byte-order mark
@@ -130,7 +136,7 @@ def read_prompt_file(path: str | Path, seed: int = 0) -> list[PromptItem]:
         raise PromptListError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") \
             from None
     if path.suffix.lower() == ".csv":
-        return parse_csv(text, seed, str(path))
+        return parse_csv(text, seed, str(path), quote)
     items = parse_text(text, seed)
     if not items:
         raise PromptListError(f"{path} is empty: write one prompt per line")

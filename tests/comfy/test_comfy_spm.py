@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import erasekit
 from erasekit.erasers import spm
 from erasekit.erasers.erasure import FamilyMismatchError
+from erasekit.erasers.errors import FileError
 from erasekit.erasers.spm.membrane import Membrane, MembraneFileError, MembraneLayer
 
 NODE = "EraseKitLoadMembrane"
@@ -360,7 +361,8 @@ def test_wrong_family_shape_and_corrupt_files(loaded, spm_folder):
     (spm_folder / "corrupt.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(MembraneFileError, match="not a readable .safetensors"):
         _load(model, clip, "corrupt.safetensors")
-    with pytest.raises(FileNotFoundError, match="no SPM membrane"):
+    with pytest.raises(FileError, match=r"'membrane_name': expected a file in models/spm, found no file "
+                                        r"'missing.safetensors'"):
         _load(model, clip, "missing.safetensors")
 
 
