@@ -35,10 +35,10 @@ from torch import Tensor, nn
 
 from ..diffusers_adapter import unet_family
 from ..erasure import FamilyMismatchError
+from ..errors import InputError
 from ..families import FAMILIES
 from ..text import CONTEXT_TOKENS, Encoder, TransformersEncoder
 from .membrane import Combine, Membrane, MembraneStack, is_target, stack_membranes
-from ..errors import InputError
 from .transport import Concepts, Metric, Source, TokenRecord, Transport, token_sets
 
 _STATE = "_erasekit_membranes"
