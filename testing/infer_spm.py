@@ -57,14 +57,19 @@ def write_official_spm(path: str | Path, unet: nn.Module, prompts: str, seed: in
 def diffusers_layers(unet: nn.Module) -> dict[str, nn.Module]:
     """SPMNetwork's layers of a diffusers UNet: every Linear/Conv2d inside a Transformer2DModel, by its SPM name
     (``lora_unet_`` + the module path with dots as underscores)."""
-    layers = {}
+    return {name: unet.get_submodule(path) for name, path in diffusers_layer_paths(unet).items()}
+
+
+def diffusers_layer_paths(unet: nn.Module) -> dict[str, str]:
+    """SPM name → diffusers module path of each layer SPMNetwork wraps."""
+    paths = {}
     for name, module in unet.named_modules():
         if module.__class__.__name__ != "Transformer2DModel":
             continue
         for child_name, child in module.named_modules():
             if isinstance(child, (nn.Linear, nn.Conv2d)):
-                layers[f"lora_unet.{name}.{child_name}".replace(".", "_")] = child
-    return layers
+                paths[f"lora_unet.{name}.{child_name}".replace(".", "_")] = f"{name}.{child_name}"
+    return paths
 
 
 def matching_scores(prompt_context: Tensor, prompt_ids: Iterable[int], concept_contexts: Tensor,
