@@ -186,14 +186,15 @@ Source = tuple[tuple[int, ...], ...]  # per row, the rows whose FT strengths it 
 @dataclass
 class _Reused:
     """The last context a Transport gated: the tensor (held, so its identity cannot pass to another), its version,
-    the record's version if some row was unknown (else None), its FT strengths [B, M] (1 for membranes without FT)
-    and its gates by device and source."""
+    the record's version if some row was unknown (else None), its FT strengths [B, M] (1 for membranes without FT),
+    its gates by device, and its gates by device and source (kept apart: the default path is one dict lookup)."""
 
     context: Tensor
     version: int
     record_version: int | None
     unit: Tensor
-    gates: dict[tuple[torch.device, Source | None], Tensor]
+    gates: dict[torch.device, Tensor]
+    paired: dict[tuple[torch.device, Source], Tensor]
 
 
 class Transport:
@@ -234,13 +235,16 @@ class Transport:
                 last.record_version not in (None, self.record.version):
             unit, complete = self._compute(context)
             last = _Reused(context, version, None if complete else self.record.version, unit,
-                           {(torch.device("cpu"), None): unit * self.strengths})
+                           {torch.device("cpu"): unit * self.strengths}, {})
             self._last = last if version is not None else None
-        key = (device, source)
-        if key not in last.gates:
-            own = last.gates[(torch.device("cpu"), None)]
-            last.gates[key] = (own if source is None else self._paired(last.unit, source)).to(device)
-        return last.gates[key]
+        if source is not None:
+            key = (device, source)
+            if key not in last.paired:
+                last.paired[key] = self._paired(last.unit, source).to(device)
+            return last.paired[key]
+        if device not in last.gates:
+            last.gates[device] = last.gates[torch.device("cpu")].to(device)
+        return last.gates[device]
 
     def _paired(self, unit: Tensor, source: Source) -> Tensor:
         if len(source) != unit.shape[0] or not all(rows and all(0 <= r < len(unit) for r in rows) for rows in source):
