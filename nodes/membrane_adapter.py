@@ -27,8 +27,14 @@ A second loader on this node's outputs adds its membrane to the same set and rep
 combination is a plain LoRA: ComfyUI's own LoRA loading (its key map and weight patches), as LoraLoader does.
 
 Long prompts (several 77-token chunks): clipcos compares the first chunk (concepts are one chunk), the token
-overlap counts every chunk. Unlike infer_spm.py, which gates cond and uncond alike by the positive prompt, each
-sample is gated by its own context, as in the diffusers adapter.
+overlap counts every chunk.
+
+The unconditional rows: with uncond_gate "own" (the default) each sample is gated by its own context, as in the
+diffusers adapter. With "positive" (infer_spm.py's gating of cond and uncond alike by the positive prompt, per
+image) the forward patch reads ComfyUI's ``transformer_options["cond_or_uncond"]``: the batch is that many equal
+chunks, and row j of an uncond chunk takes the FT strengths of row j of the cond chunks (their maximum when a
+conditioning has several entries). When ComfyUI runs the uncond chunk in a call of its own (low memory), its
+positive prompt is not in that call: it falls back to "own", with one warning.
 """
 from __future__ import annotations
 
@@ -41,9 +47,11 @@ import torch
 from torch import Tensor, nn
 
 from ..erasers.erasure import FamilyMismatchError
+from ..erasers.errors import InputError
 from ..erasers.families import FAMILIES, UNetLayout, kv_family
+from ..erasers.spm.hooks import UncondGate, check_uncond_gate
 from ..erasers.spm.membrane import Combine, Membrane, MembraneStack, is_target, kohya_tensors, ldm_key, stack_membranes
-from ..erasers.spm.transport import Concepts, TokenRecord, Transport
+from ..erasers.spm.transport import Concepts, Source, TokenRecord, Transport
 from .comfy_adapter import ComfyEncoder
 
 UNET_FORWARD = "diffusion_model.forward"  # object-patch key, relative to ModelPatcher.model
@@ -137,21 +145,51 @@ def _warn_unrecorded() -> None:
                  "it is gated by clipcos alone. Connect the loader's CLIP output to the text encode nodes.")
 
 
+_COND, _UNCOND = 0, 1  # ComfyUI's labels of a batch's chunks in transformer_options["cond_or_uncond"]
+
+
+def _warn_uncond_alone() -> None:
+    _LOG.warning("SPM uncond_gate 'positive': ComfyUI ran the negative prompt in a UNet call of its own (low memory, "
+                 "or a conditioning it cannot batch), which holds no positive prompt to gate it by; those samples are "
+                 "gated by their own context ('own')")
+
+
 class _MembraneSet:
     """The gated membranes of one MODEL (every loader of a chain), their Transport (FT, from the process-wide token
     record) and the gates of the UNet call that is running."""
 
-    def __init__(self, entries: list[_Entry], combine: Combine, concepts: Concepts | None):
-        self.entries, self.combine = entries, combine
+    def __init__(self, entries: list[_Entry], combine: Combine, concepts: Concepts | None,
+                 uncond_gate: UncondGate = "own"):
+        self.entries, self.combine, self.uncond_gate = entries, combine, uncond_gate
         self.stacks = stack_membranes([e.membrane for e in entries], combine)
         self.transport = Transport(concepts, [e.strength for e in entries], TOKEN_RECORD, _warn_unrecorded,
                                    ft=[e.ft for e in entries])
         self.current: Tensor | None = None
+        self.warned = False
 
-    def gates(self, context: Tensor, device: torch.device | str | None = None) -> Tensor:
+    def gates(self, context: Tensor, device: torch.device | str | None = None,
+              cond_or_uncond: list[int] | None = None) -> Tensor:
         """Strengths [B, M] (float32, on `device`, default the CPU) of each row of a UNet context: the loader's
-        strength, times the row's FT strength for membranes loaded with FT."""
-        return self.transport.gates(context, device)
+        strength, times the row's FT strength for membranes loaded with FT (with uncond_gate "positive" and the
+        call's `cond_or_uncond`, an uncond row's is its positive prompt's)."""
+        source = self._source(len(context), cond_or_uncond) if self.uncond_gate == "positive" else None
+        return self.transport.gates(context, device, source)
+
+    def _source(self, rows: int, chunks: list[int] | None) -> Source | None:
+        if not chunks or _UNCOND not in chunks or rows % len(chunks):
+            return None
+        if _COND not in chunks:
+            if not self.warned:
+                self.warned = True
+                _warn_uncond_alone()
+            return None
+        size = rows // len(chunks)
+        conds = [c for c, kind in enumerate(chunks) if kind == _COND]
+
+        def rows_of(b: int) -> tuple[int, ...]:
+            return (b,) if chunks[b // size] == _COND else tuple(c * size + b % size for c in conds)
+
+        return tuple(rows_of(b) for b in range(rows))
 
 
 class _GatedUNet:
@@ -166,7 +204,9 @@ class _GatedUNet:
     def __call__(self, x: Tensor, timesteps=None, context: Tensor | None = None, *args, **kwargs):
         if context is None:
             raise ValueError("SPM Facilitated Transport needs the text context of the UNet call; this model got none")
-        self.membranes.current = self.membranes.gates(context, x.device)
+        # forward(x, timesteps, context, y, control, transformer_options, ...): ComfyUI passes it by keyword.
+        options = kwargs.get("transformer_options", args[2] if len(args) > 2 else None) or {}
+        self.membranes.current = self.membranes.gates(context, x.device, options.get("cond_or_uncond"))
         try:
             return self.inner(x, timesteps, context, *args, **kwargs)
         finally:
@@ -247,10 +287,11 @@ def _gated_set(model) -> _GatedUNet | None:
 
 
 def apply_membrane(model, clip, membrane: Membrane, strength: float = 1.0, ft: bool = True,
-                   combine: Combine = "additive"):
+                   combine: Combine = "additive", uncond_gate: UncondGate = "own"):
     """(MODEL, CLIP) clones with `membrane` added to the model's membrane set; the inputs are untouched."""
     if combine not in ("additive", "official"):
         raise ValueError(f"unknown combine {combine!r}: additive or official")
+    check_uncond_gate(uncond_gate)
     targets = _targets(model)
     check_membrane(membrane, targets)
     out_clip = recording_clip(clip)
@@ -260,13 +301,17 @@ def apply_membrane(model, clip, membrane: Membrane, strength: float = 1.0, ft: b
     if previous is not None and previous.membranes.combine != combine:
         raise ValueError(f"this loader combines membranes {combine!r} but the SPM loaders before it on this MODEL "
                          f"chose {previous.membranes.combine!r}; a chain's membranes form one set: choose one")
+    if previous is not None and previous.membranes.uncond_gate != uncond_gate:
+        raise InputError(f"this loader gates the unconditional rows {uncond_gate!r} but the SPM loaders before it on "
+                         f"this MODEL chose {previous.membranes.uncond_gate!r}; a chain's membranes share one gate "
+                         "per sample: choose one uncond_gate for every loader")
     entries = (previous.membranes.entries if previous else []) + [_Entry(membrane, float(strength), bool(ft))]
     concepts = None
     if any(e.ft for e in entries):
         # Encoded with this loader's CLIP, as the prompts will be; earlier membranes' concepts are encoded again.
         concepts = Concepts.encode([e.membrane for e in entries], ComfyEncoder(clip),
                                    lambda texts: [token_set(clip, clip.tokenize(t)) for t in texts])
-    membranes = _MembraneSet(entries, combine, concepts)
+    membranes = _MembraneSet(entries, combine, concepts, uncond_gate)
     out = model.clone()
     unet_patch = previous.foreign if previous else out.object_patches.get(UNET_FORWARD)
     out.add_object_patch(UNET_FORWARD, _GatedUNet(membranes, model.model.diffusion_model, unet_patch))
@@ -279,9 +324,10 @@ def apply_membrane(model, clip, membrane: Membrane, strength: float = 1.0, ft: b
     return out, out_clip
 
 
-def membrane_gates(model, context: Tensor) -> Tensor:
-    """The strengths [B, M] the model's gated membranes (in loading order) apply to each row of a UNet context."""
+def membrane_gates(model, context: Tensor, cond_or_uncond: list[int] | None = None) -> Tensor:
+    """The strengths [B, M] the model's gated membranes (in loading order) apply to each row of a UNet context
+    (`cond_or_uncond`: the chunks' labels a sampler passes in transformer_options)."""
     patch = _gated_set(model)
     if patch is None:
         raise ValueError("this MODEL has no gated SPM membranes (none loaded, or only FT-off additive ones)")
-    return patch.membranes.gates(context)
+    return patch.membranes.gates(context, cond_or_uncond=cond_or_uncond)

@@ -57,6 +57,10 @@ class LoadMembrane:
             "optional": {
                 "concepts": ("STRING", {"default": "", "tooltip": "The concepts the membrane erases, comma-separated, "
                              "for FT. Empty: the file's 'prompts' metadata (files without it need this)."}),
+                "uncond_gate": (["own", "positive"], {"default": "own", "tooltip": "How FT gates the negative "
+                                "prompt's samples: 'own' by the negative prompt itself; 'positive' by their image's "
+                                "positive prompt, as the official infer_spm.py does (with combine 'official': its "
+                                "computation). Every loader of a chain must choose the same."}),
             },
         }
 
@@ -68,13 +72,14 @@ class LoadMembrane:
         except (ValueError, OSError):
             return ""  # load() reports it
 
-    def load(self, model, clip, membrane_name, strength, facilitated_transport=True, combine="additive", concepts=""):
+    def load(self, model, clip, membrane_name, strength, facilitated_transport=True, combine="additive", concepts="",
+             uncond_gate="own"):
         spm_folder()
         path = folder_file(FOLDER, membrane_name, "membrane_name")
         key = (path, os.path.getmtime(path), concepts, facilitated_transport)
         if self.loaded is None or self.loaded[0] != key:
             self.loaded = (key, _read(path, concepts, facilitated_transport))
-        return apply_membrane(model, clip, self.loaded[1], strength, facilitated_transport, combine)
+        return apply_membrane(model, clip, self.loaded[1], strength, facilitated_transport, combine, uncond_gate)
 
 
 def _read(path: str, concepts: str, ft: bool) -> Membrane:

@@ -4,7 +4,18 @@ membrane.py (the low-rank deltas, their files and the stack that applies them), 
 the gates, for both adapters), hooks.py (diffusers), kernel.py (the fused CUDA kernel), train.py (training with Latent
 Anchoring). Equations: docs/methods.md §1.
 """
-from .hooks import TransportFallbackWarning, attach_membranes, detach_membranes, membrane_gates, membrane_targets
+from .hooks import (
+    UNCOND_GATES,
+    TransportFallbackWarning,
+    UncondGate,
+    UncondGateWarning,
+    attach_membranes,
+    check_uncond_gate,
+    detach_membranes,
+    membrane_gates,
+    membrane_targets,
+    record_prompts,
+)
 from .membrane import (
     KOHYA_PREFIX,
     Combine,
@@ -39,7 +50,8 @@ from .transport import (
 __all__ = [
     "CACHE_LIMIT", "CAST_DTYPES", "KOHYA_PREFIX", "Combine", "Concepts", "Membrane", "MembraneFileError",
     "MembraneLayer", "MembraneStack", "Metric", "MissingConceptsError", "TokenRecord", "Transport",
-    "TransportFallbackWarning", "attach_membranes", "detach_membranes", "is_target",
+    "TransportFallbackWarning", "UNCOND_GATES", "UncondGate", "UncondGateWarning", "attach_membranes",
+    "check_uncond_gate", "detach_membranes", "is_target", "record_prompts",
     "kohya_name", "kohya_tensors", "ldm_key", "load_membrane", "membrane_gates", "membrane_targets", "merged_deltas",
     "module_path", "module_path_from_ldm_key", "row_keys", "save_membrane", "stack_membranes", "token_sets",
     "transport_strengths",

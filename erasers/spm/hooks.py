@@ -11,31 +11,56 @@ ComfyUI adapter; this module is the diffusers glue):
    gates (SDXL's rows are looked up by their CLIP-L part; an all-zero row is the empty prompt). The [B, M] gates
    live on a shared state until the UNet call returns.
 3. A forward hook on every target module adds ``ΔW·x`` at the strengths (``stack.add_to``), so one UNet call can
-   mix samples with different gates: the uncond half of a CFG batch is gated by its own (negative) prompt.
+   mix samples with different gates.
 
-Unlike infer_spm.py, which gates the whole generation (cond and uncond) by the positive prompt's strength, each
-sample here gets the strength of its own context.
+The unconditional half of a CFG batch: by default ("own") each sample gets the strength of its own context, the
+negative prompt's for the unconditional rows. infer_spm.py gates the whole generation, cond and uncond, by the
+positive prompt's strength; ``uncond_gate="positive"`` reproduces that per image inside the one batch: a diffusers
+pipeline's CFG batch is [uncond; cond] with the latents repeated (``torch.cat([latents] * 2)``), so when the
+pipeline says it is guiding and the two halves of the sample are equal, unconditional row i takes the FT strengths
+of conditional row B + i.
+
+Contexts computed before attaching (``prompt_embeds``) never passed the hooked text encoder: `record_prompts`
+records their prompts' token ids, so FT scores them as it scores the prompts.
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..diffusers_adapter import unet_family
 from ..erasure import FamilyMismatchError
+from ..errors import InputError
 from ..families import FAMILIES
 from ..text import CONTEXT_TOKENS, Encoder, TransformersEncoder
 from .membrane import Combine, Membrane, MembraneStack, is_target, stack_membranes
-from .transport import Concepts, Metric, TokenRecord, Transport, token_sets
+from .transport import Concepts, Metric, Source, TokenRecord, Transport, token_sets
 
 _STATE = "_erasekit_membranes"
+UncondGate = Literal["own", "positive"]
+UNCOND_GATES = ("own", "positive")
 
 
 class TransportFallbackWarning(UserWarning):
     """A context reached the UNet without passing the hooked text encoder: FT scores it by clipcos alone."""
+
+
+class UncondGateWarning(UserWarning):
+    """uncond_gate="positive" asked for, but a guided UNet batch was not laid out [uncond; cond]: each sample of it
+    is gated by its own context."""
+
+
+def check_uncond_gate(value: str, where: str = "uncond_gate") -> str:
+    """`value` if it is one of UNCOND_GATES, else an InputError naming the input."""
+    if value not in UNCOND_GATES:
+        raise InputError(key=where, expected="'own' (each sample by its own context) or 'positive' (a CFG batch's "
+                         "unconditional rows by their positive prompt, as infer_spm.py)", found=repr(value)[:80])
+    return value
 
 
 def _unet(pipe_or_unet) -> nn.Module:
@@ -77,17 +102,40 @@ def _warn_unrecorded() -> None:
 class _Attached:
     """What attach_membranes installed on a UNet; `current` holds the gates while a UNet call runs."""
 
-    def __init__(self, transport: Transport, ft: bool):
+    def __init__(self, transport: Transport, ft: bool, uncond_gate: UncondGate = "own", pipe=None):
         self.transport = transport
         self.current: Tensor | None = None if ft else transport.strengths[None]
         self.handles: list = []
+        self.uncond_gate = uncond_gate
+        # Weak: the pipeline holds the UNet, which holds this state.
+        self.pipe = weakref.ref(pipe) if pipe is not None and uncond_gate == "positive" else None
+        self.warned = False
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if context is None:
             raise ValueError("SPM Facilitated Transport needs the UNet's encoder_hidden_states")
+        source = self._cfg_source(kwargs.get("sample", args[0] if args else None)) if self.pipe else None
         # A sampler passes the same context tensor at every step: the transport reuses its gates, on its device.
-        self.current = self.transport.gates(context, context.device)
+        self.current = self.transport.gates(context, context.device, source)
+
+    def _cfg_source(self, sample: Tensor | None) -> Source | None:
+        """For uncond_gate="positive": uncond row i takes cond row B + i's strengths when this call is a CFG batch
+        [uncond; cond]; None (each row its own) otherwise."""
+        pipe = self.pipe()
+        guiding = getattr(pipe, "do_classifier_free_guidance", None) if pipe is not None else None
+        if guiding is False or sample is None:
+            return None
+        half = sample.shape[0] // 2
+        if sample.shape[0] % 2 == 0 and half and torch.equal(sample[:half], sample[half:]):
+            return tuple((half + i,) for i in range(half)) + tuple((half + i,) for i in range(half))
+        if guiding and not self.warned:
+            self.warned = True
+            warnings.warn("uncond_gate='positive': a guided UNet batch is not laid out as [unconditional; "
+                          "conditional] with the latents repeated, so the unconditional rows cannot be told from the "
+                          "conditional ones; each sample of it is gated by its own context ('own')",
+                          UncondGateWarning, stacklevel=4)
+        return None
 
     def leave(self, module: nn.Module, args: tuple, output) -> None:
         self.current = None
@@ -121,13 +169,16 @@ def _pipeline_encoder(pipe) -> Encoder:
 
 def attach_membranes(pipe, membranes: Sequence[Membrane], strengths: Sequence[float] | None = None, ft: bool = True,
                      combine: Combine = "additive", metric: Metric = "clipcos_tokenuni",
-                     encoder: Encoder | None = None) -> None:
+                     encoder: Encoder | None = None, uncond_gate: UncondGate = "own") -> None:
     """Install SPM membranes on a diffusers pipeline (or, with ft=False, a bare UNet); replaces earlier ones.
 
     With `ft`, membrane i acts on sample b at strengths[i] × its FT gate for that sample's context; without, at
     strengths[i] for every sample (plain LoRA behaviour). `encoder` overrides how concepts are encoded for clipcos
-    (e.g. with clip skip); it must produce what the UNet receives for a prompt.
+    (e.g. with clip skip); it must produce what the UNet receives for a prompt. `uncond_gate`: "own" gates the
+    unconditional rows of a CFG batch by their own (negative) prompt; "positive" by their image's positive prompt,
+    as infer_spm.py does (with combine="official", its computation; methods.md §1.9).
     """
+    check_uncond_gate(uncond_gate)
     unet = _unet(pipe)
     membranes = list(membranes)
     fixed = torch.tensor([1.0] * len(membranes) if strengths is None else list(strengths), dtype=torch.float32)
@@ -158,7 +209,7 @@ def attach_membranes(pipe, membranes: Sequence[Membrane], strengths: Sequence[fl
     width = pipe.text_encoder.config.hidden_size if ft else None
     transport = Transport(concepts, fixed, record, _warn_unrecorded, metric=metric, width=width)
     detach_membranes(pipe)
-    state = _Attached(transport, ft)
+    state = _Attached(transport, ft, uncond_gate, pipe if ft else None)
     if ft:
         state.handles += [
             pipe.text_encoder.register_forward_hook(_recorder(record, tokenizer.all_special_ids), with_kwargs=True),
@@ -179,6 +230,40 @@ def membrane_gates(pipe, encoder_hidden_states: Tensor) -> Tensor:
     if state is None:
         raise ValueError("no SPM membranes are attached")
     return state.transport.gates(encoder_hidden_states)
+
+
+def record_prompts(pipe, prompts: Sequence[str] | Tensor | Sequence[Sequence[int]], prompt_embeds: Tensor) -> None:
+    """Record which prompts made `prompt_embeds` [N, L, d] (computed before attaching, or by other code), so that
+    FT scores those contexts, when a pipeline is called with them, by token overlap too, exactly as it scores the
+    prompts themselves. `prompts`: N prompts, or N rows of token ids as the pipeline's tokenizer gives them; one
+    prompt or row stands for every row. Record negative_prompt_embeds the same way."""
+    state = getattr(_unet(pipe), _STATE, None)
+    if state is None or state.transport.record is None:
+        raise InputError(key="pipe", expected="a pipeline with SPM membranes attached with Facilitated Transport",
+                         found="none attached" if state is None else "membranes attached with ft=False",
+                         fix="call attach_membranes(pipe, ...) first; without FT no prompt is scored")
+    if not isinstance(prompt_embeds, Tensor) or prompt_embeds.dim() != 3:
+        raise InputError(key="prompt_embeds", expected="a tensor [prompts, tokens, width]",
+                         found=f"{type(prompt_embeds).__name__} of shape {tuple(getattr(prompt_embeds, 'shape', ()))}")
+    tokenizer = pipe.tokenizer
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, Tensor) or (len(prompts) and not isinstance(prompts[0], str)):
+        ids = prompts
+    else:
+        ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True).input_ids
+    sets = token_sets(ids, tokenizer.all_special_ids)
+    if len(sets) not in (1, prompt_embeds.shape[0]):
+        raise InputError(key="prompts", expected=f"1 or {prompt_embeds.shape[0]} (one per row of prompt_embeds)",
+                         found=f"{len(sets)} prompts", fix="pass the prompts in the order their rows were encoded")
+    width = state.transport.width
+    if width and prompt_embeds.shape[-1] < width:
+        raise InputError(key="prompt_embeds", expected=f"rows at least {width} wide (the text encoder's width)",
+                         found=f"{prompt_embeds.shape[-1]}")
+    # Rows are looked up by their first `width` columns (SDXL: the CLIP-L part), so they are recorded so.
+    state.transport.record.add(prompt_embeds[..., :width] if width else prompt_embeds,
+                               sets[0] if len(sets) == 1 else sets)
 
 
 def detach_membranes(pipe) -> None:

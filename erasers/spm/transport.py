@@ -180,15 +180,21 @@ class TokenRecord:
         return None
 
 
+Source = tuple[tuple[int, ...], ...]  # per row, the rows whose FT strengths it takes (their maximum)
+
+
 @dataclass
 class _Reused:
     """The last context a Transport gated: the tensor (held, so its identity cannot pass to another), its version,
-    the record's version if some row was unknown (else None), and its gates by device."""
+    the record's version if some row was unknown (else None), its FT strengths [B, M] (1 for membranes without FT),
+    its gates by device, and its gates by device and source (kept apart: the default path is one dict lookup)."""
 
     context: Tensor
     version: int
     record_version: int | None
+    unit: Tensor
     gates: dict[torch.device, Tensor]
+    paired: dict[tuple[torch.device, Source], Tensor]
 
 
 class Transport:
@@ -214,8 +220,12 @@ class Transport:
         self.warned = False
         self._last: _Reused | None = None
 
-    def gates(self, context: Tensor, device: torch.device | str | None = None) -> Tensor:
-        """Gates [B, M] (float32, on `device`, default the CPU) of each row of a UNet context [B, L, d]."""
+    def gates(self, context: Tensor, device: torch.device | str | None = None, source: Source | None = None) -> Tensor:
+        """Gates [B, M] (float32, on `device`, default the CPU) of each row of a UNet context [B, L, d].
+
+        `source`: per row, the rows whose FT strengths it takes instead of its own (their maximum when several):
+        infer_spm.py's gating of a CFG batch's unconditional rows by their positive prompt. None: each row its own.
+        """
         device = torch.device(device or "cpu")
         if self.concepts is None:
             return self.strengths.expand(context.shape[0], -1).to(device)
@@ -223,15 +233,28 @@ class Transport:
         last = self._last
         if last is None or version is None or last.context is not context or last.version != version or \
                 last.record_version not in (None, self.record.version):
-            gates, complete = self._compute(context)
-            last = _Reused(context, version, None if complete else self.record.version, {gates.device: gates})
+            unit, complete = self._compute(context)
+            last = _Reused(context, version, None if complete else self.record.version, unit,
+                           {torch.device("cpu"): unit * self.strengths}, {})
             self._last = last if version is not None else None
+        if source is not None:
+            key = (device, source)
+            if key not in last.paired:
+                last.paired[key] = self._paired(last.unit, source).to(device)
+            return last.paired[key]
         if device not in last.gates:
             last.gates[device] = last.gates[torch.device("cpu")].to(device)
         return last.gates[device]
 
+    def _paired(self, unit: Tensor, source: Source) -> Tensor:
+        if len(source) != unit.shape[0] or not all(rows and all(0 <= r < len(unit) for r in rows) for rows in source):
+            raise ValueError(f"a gate source per row of a batch of {len(unit)}, each naming rows of that batch, "
+                             f"expected; found {source!r}")
+        return torch.stack([unit[list(rows)].amax(0) for rows in source]) * self.strengths
+
     def _compute(self, context: Tensor) -> tuple[Tensor, bool]:
-        """The gates on the CPU, computing FT once per distinct row, and whether every row's tokens were known."""
+        """The FT strengths on the CPU (1 for membranes without FT), computing FT once per distinct row, and whether
+        every row's tokens were known."""
         if len(self.cache) > CACHE_LIMIT:
             self.cache.clear()
         keys = row_keys(context)
@@ -250,4 +273,4 @@ class Transport:
             # A row without token ids is scored again next time: its prompt may be recorded meanwhile.
             self.cache.update((key, value) for (key, value), ids in zip(fresh.items(), tokens) if ids is not None)
         ft = torch.stack([self.cache[key] if key in self.cache else fresh[key] for key in keys])
-        return torch.where(self.ft, ft, 1.0) * self.strengths, complete
+        return torch.where(self.ft, ft, 1.0), complete
