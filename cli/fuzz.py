@@ -11,6 +11,7 @@ failed. This module also adds the one CLI file format, the batch manifest (``man
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing
 import shutil
@@ -75,8 +76,28 @@ def formats() -> list[Format]:
 # Running in worker processes
 
 
-def _worker(connection, work: str, todo: list[tuple[str, int]], timeout: float) -> None:
-    fuzzer = Fuzzer(formats(), work, timeout)
+FACTORY = f"{__name__}:formats"
+
+
+def _formats_of(factory: str) -> list[Format]:
+    """The formats a ``module:function`` returns: a worker process rebuilds them by name (functions do not pickle)."""
+    module, _, function = factory.partition(":")
+    return getattr(importlib.import_module(module), function)()
+
+
+def _quiet_libraries() -> None:
+    """transformers logs a warning for every mutated config.json it is given; the outcome already says it."""
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _worker(connection, work: str, todo: list[tuple[str, int]], timeout: float, factory: str) -> None:
+    _quiet_libraries()
+    fuzzer = Fuzzer(_formats_of(factory), work, timeout)
     for name, seed in todo:
         fuzzer.seed(name)  # already built by the parent: loads the original, outside the case's time
         connection.send("start")
@@ -84,15 +105,16 @@ def _worker(connection, work: str, todo: list[tuple[str, int]], timeout: float) 
     connection.close()
 
 
-def run_isolated(todo: Sequence[Case], work: Path, timeout: float) -> Iterator[Result]:
+def run_isolated(todo: Sequence[Case], work: Path, timeout: float, factory: str = FACTORY) -> Iterator[Result]:
     """Each case's result, run in a worker process; a worker that dies or hangs is one case's `crash` or `timeout`,
-    and a fresh worker goes on from the next case."""
+    and a fresh worker goes on from the next case. `factory`: the ``module:function`` giving the formats; their
+    seeds must already be built under `work` (`Fuzzer.seed`)."""
     context = multiprocessing.get_context("spawn")  # a fork would inherit torch's thread pools mid-state
     remaining = list(todo)
     while remaining:
         receive, send = context.Pipe(duplex=False)
         process = context.Process(target=_worker, args=(send, str(work), [(c.format, c.seed) for c in remaining],
-                                                        timeout), daemon=True)
+                                                        timeout, factory), daemon=True)
         process.start()
         send.close()
         finished = 0
@@ -224,6 +246,7 @@ def _replay(args, work: Path) -> int:
 
 
 def _run(args, names: Sequence[str], work: Path) -> int:
+    _quiet_libraries()
     fuzzer = Fuzzer(formats(), work, args.timeout)
     started = time.perf_counter()
     for name in names:
