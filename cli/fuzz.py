@@ -245,6 +245,24 @@ def _replay(args, work: Path) -> int:
     return 1 if result.failed else 0
 
 
+def _with_progress(results: Iterator[Result], total: int) -> Iterator[Result]:
+    """The results as they come, with a line on stderr as each format's cases end: a long run shows it is alive."""
+    started, count, failed, current = time.perf_counter(), 0, 0, None
+
+    def done() -> None:
+        if current is not None:
+            print(f"  {current}: done ({count}/{total} cases, {failed} failures, "
+                  f"{time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+
+    for result in results:
+        if result.case.format != current:
+            done()
+        current = result.case.format
+        count, failed = count + 1, failed + result.failed
+        yield result
+    done()
+
+
 def _run(args, names: Sequence[str], work: Path) -> int:
     _quiet_libraries()
     fuzzer = Fuzzer(formats(), work, args.timeout)
@@ -253,7 +271,7 @@ def _run(args, names: Sequence[str], work: Path) -> int:
         fuzzer.seed(name)  # a seed that does not build or load is the fuzzer's bug: a traceback, here
     todo = cases(names, args.per_format, args.seed)
     runner = (fuzzer.run(case) for case in todo) if args.in_process else run_isolated(todo, work, args.timeout)
-    results = list(runner)
+    results = list(_with_progress(runner, len(todo)))
     summary = {"seed": args.seed, "per_format": args.per_format, "timeout_s": args.timeout,
                "seconds": round(time.perf_counter() - started, 1), **summarise(results, names)}
     print(table(summary["counts"]))
