@@ -101,7 +101,11 @@ def _worker(connection, work: str, todo: list[tuple[str, int]], timeout: float, 
     for name, seed in todo:
         fuzzer.seed(name)  # already built by the parent: loads the original, outside the case's time
         connection.send("start")
-        connection.send(fuzzer.run(Case(name, seed)).as_dict())
+        try:
+            connection.send(fuzzer.run(Case(name, seed)).as_dict())
+        except Exception:  # the fuzzer's own bug (a mutation, a seed): the run stops and says so
+            connection.send({"fuzzer_error": traceback.format_exc()})
+            break
     connection.close()
 
 
@@ -137,6 +141,8 @@ def _next_result(receive, process, case: Case, timeout: float) -> Result:
         if not receive.poll(timeout + 10):  # the worker's own alarm stops Python code; this, native code
             return Result(case, "?", "?", "timeout", f"no answer within {timeout + 10:g} s (native code)")
         answer = receive.recv()
+        if "fuzzer_error" in answer:
+            raise RuntimeError(f"the fuzzer itself failed on {case.replay}:\n{answer['fuzzer_error']}")
     except EOFError:
         process.join(5)
         return Result(case, "?", "?", "crash", f"the worker process died (exit code {process.exitcode})")
@@ -234,6 +240,10 @@ def _replay(args, work: Path) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     fuzzer = Fuzzer(formats(), work, args.timeout)
+    if case.format not in fuzzer.formats:
+        print(f"error: no format {case.format!r}; the formats: {', '.join(fuzzer.formats)}", file=sys.stderr)
+        return 2
+    _quiet_libraries()
     result = fuzzer.run(case)
     print(f"{case.replay}: {result.target} {result.mutation} -> {result.outcome} {result.detail}")
     if result.outcome == "untyped":
