@@ -67,9 +67,42 @@ def _load_manifest(folder: Path) -> dict:
     return manifest.done
 
 
+# An API-format workflow as `erasekit batch --workflow` takes it: a sampler, its prompt, an erasure node.
+WORKFLOW = {
+    "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+    "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "placeholder", "clip": ["1", 1]}},
+    "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+    "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "5": {"class_type": "KSampler", "inputs": {
+        "model": ["9", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 0,
+        "steps": 1, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+    "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+    "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "erasekit_batch"}},
+    "9": {"class_type": "EraseKitEraseConcepts", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "method": "uce", "concepts": "circle", "guide": "", "preserve": "",
+        "strength": 1.0}},
+}
+
+
+def _write_workflow(folder: Path) -> None:
+    (folder / "workflow_api.json").write_text(json.dumps(WORKFLOW, indent=1), encoding="utf-8")
+
+
+def _load_workflow(folder: Path) -> dict:
+    """The workflow as `batch` reads it, and the prompt it would queue for one item."""
+    from .batch import Workflow
+
+    workflow = Workflow.load(folder / "workflow_api.json")
+    workflow.check_items(MANIFEST_ITEMS)
+    return {"workflow": workflow, "queued": workflow.for_item(MANIFEST_ITEMS[0])}
+
+
 def formats() -> list[Format]:
-    """Every file format the pack reads: the core's (testing/fuzz_formats.py) and the batch manifest."""
-    return core_formats() + [Format("batch-manifest", _write_manifest, ("batch/manifest.jsonl",), _load_manifest)]
+    """Every file format the pack reads: the core's (testing/fuzz_formats.py), the batch manifest and workflow."""
+    return core_formats() + [
+        Format("batch-manifest", _write_manifest, ("batch/manifest.jsonl",), _load_manifest),
+        Format("batch-workflow", _write_workflow, ("workflow_api.json",), _load_workflow),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -91,9 +91,13 @@ class Result:
 
 
 def cases(formats: Sequence[str], per_format: int, seed: int) -> list[Case]:
-    """`per_format` cases per format; the run's seed fixes every case's own seed."""
-    rng = random.Random(seed)
-    return [Case(name, rng.getrandbits(40)) for name in formats for _ in range(per_format)]
+    """`per_format` cases per format; the run's seed and the format's name fix each case's own seed, so a format
+    gets the same cases whichever others run beside it (``--format`` reruns a subset of a full run)."""
+    out = []
+    for name in formats:
+        rng = random.Random(f"{seed}:{name}")
+        out += [Case(name, rng.getrandbits(40)) for _ in range(per_format)]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

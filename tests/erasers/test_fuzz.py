@@ -52,6 +52,7 @@ def test_the_run_seed_fixes_every_case_and_another_seed_changes_them():
     names = ["erasure", "prompts-csv"]
     assert fuzz.cases(names, 50, 7) == fuzz.cases(names, 50, 7)
     assert set(fuzz.cases(names, 50, 7)).isdisjoint(fuzz.cases(names, 50, 8))
+    assert fuzz.cases(["prompts-csv"], 50, 7) == fuzz.cases(names, 50, 7)[50:]  # the same alone as beside others
     assert Case.parse("trce-folder#123") == Case("trce-folder", 123)
     with pytest.raises(ValueError, match="format>#<seed"):
         Case.parse("erasure")
