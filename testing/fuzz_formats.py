@@ -16,8 +16,9 @@ from ..erasers.advunlearn.encoder import load_advunlearn
 from ..erasers.closed_form import official
 from ..erasers.erasure import Erasure, LayerDelta
 from ..erasers.geom.negatives import LocationTokens
-from ..erasers.io.checkpoints import read_checkpoint, write_checkpoint
+from ..erasers.io.checkpoints import write_checkpoint
 from ..erasers.io.clip_names import file_state_dict, save_text_model
+from ..erasers.io.model_files import open_model
 from ..erasers.io.prompt_lists import read_prompt_file
 from ..erasers.spm.membrane import Membrane, MembraneLayer, load_membrane, save_membrane
 from .fuzz import Format
@@ -189,15 +190,30 @@ def _convert(path: Path):
 
 
 def _checkpoint_state() -> dict[str, torch.Tensor]:
+    """A single-file SD1.x checkpoint in LDM names, as small as `open_model` reads one: the small UNet's K/V
+    weights, a res-block and downsampler per level (the layout is read off them), a text and a VAE tensor."""
+    from ..erasers.families import UNetLayout
+    from ..erasers.io.checkpoints import unet_diffusers_to_ldm
+
     g = _generator(7)
+    kv = cross_attention_weights(SMALL_SD15_UNET_CONFIG, seed=7, dtype=torch.float16)
+    unet = dict(unet_diffusers_to_ldm(kv, UNetLayout((1, 1))))
+    for key in ("input_blocks.1.0.in_layers.0.weight", "input_blocks.2.0.op.weight",
+                "input_blocks.3.0.in_layers.0.weight"):
+        unet[key] = torch.randn(16, generator=g).half()
     return {
-        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
-            torch.randn(16, 768, generator=g).half(),
-        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.bias": torch.zeros(16).half(),
+        **{f"model.diffusion_model.{k}": v for k, v in unet.items()},
         "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight":
             torch.randn(100, 32, generator=g).half(),
         "first_stage_model.decoder.conv_out.weight": torch.randn(3, 8, 3, 3, generator=g),
     }
+
+
+def _read_model(path: Path) -> dict:
+    """What `erasekit erase` reads of a model: its family, UNet layout and K/V weights (a 4 GB checkpoint is not read
+    whole: what is not read cannot be wrong)."""
+    model = open_model(path)
+    return {"family": model.family.name, "layout": model.layout.num_res_blocks, "kv": model.kv_weights()}
 
 
 def _write_checkpoint(folder: Path) -> None:
@@ -248,8 +264,8 @@ def formats() -> list[Format]:
                ("trce_unet/diffusion_pytorch_model.safetensors", "trce_unet/config.json"),
                lambda d: _convert(d / "trce_unet")),
         Format("checkpoint-safetensors", _write_checkpoint, ("model.safetensors",),
-               lambda d: read_checkpoint(d / "model.safetensors")),
-        Format("checkpoint-ckpt", _write_ckpt, ("model.ckpt",), lambda d: read_checkpoint(d / "model.ckpt")),
+               lambda d: _read_model(d / "model.safetensors")),
+        Format("checkpoint-ckpt", _write_ckpt, ("model.ckpt",), lambda d: _read_model(d / "model.ckpt")),
         Format("prompts-csv", _writer("prompts.csv", PROMPTS_CSV), ("prompts.csv",),
                lambda d: read_prompt_file(d / "prompts.csv")),
         Format("prompts-txt", _writer("prompts.txt", PROMPTS_TXT), ("prompts.txt",),
