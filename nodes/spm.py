@@ -26,7 +26,8 @@ def spm_folder() -> str:
 class LoadMembrane:
     DESCRIPTION = ("Load an SPM membrane (models/spm) onto the MODEL, with Facilitated Transport: each prompt, "
                    "the negative included, is gated by how close it is to the concepts the membrane erases, per "
-                   "sample of every UNet batch. Route the CLIP through this node (its prompts' token ids are "
+                   "sample of every UNet batch (uncond_gate 'positive': the negative by its image's positive prompt, "
+                   "as the official infer_spm.py). Route the CLIP through this node (its prompts' token ids are "
                    "recorded for FT). Chain loaders for several membranes. FT off: a plain LoRA.")
     CATEGORY = CATEGORY
     FUNCTION = "load"

@@ -16,9 +16,9 @@ ComfyUI adapter; this module is the diffusers glue):
 The unconditional half of a CFG batch: by default ("own") each sample gets the strength of its own context, the
 negative prompt's for the unconditional rows. infer_spm.py gates the whole generation, cond and uncond, by the
 positive prompt's strength; ``uncond_gate="positive"`` reproduces that per image inside the one batch: a diffusers
-pipeline's CFG batch is [uncond; cond] with the latents repeated (``torch.cat([latents] * 2)``), so when the
-pipeline says it is guiding and the two halves of the sample are equal, unconditional row i takes the FT strengths
-of conditional row B + i.
+pipeline's CFG batch is [uncond; cond] with the latents repeated (``torch.cat([latents] * 2)``), so when the two
+halves of the sample are equal (and the pipeline, where it says, is guiding), unconditional row i takes the FT
+strengths of conditional row B + i.
 
 Contexts computed before attaching (``prompt_embeds``) never passed the hooked text encoder: `record_prompts`
 records their prompts' token ids, so FT scores them as it scores the prompts.
@@ -128,7 +128,8 @@ class _Attached:
             return None
         half = sample.shape[0] // 2
         if sample.shape[0] % 2 == 0 and half and torch.equal(sample[:half], sample[half:]):
-            return tuple((half + i,) for i in range(half)) + tuple((half + i,) for i in range(half))
+            cond = tuple((half + i,) for i in range(half))
+            return cond + cond  # uncond row i and cond row B + i both take row B + i
         if guiding and not self.warned:
             self.warned = True
             warnings.warn("uncond_gate='positive': a guided UNet batch is not laid out as [unconditional; "
