@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from .errors import FileError, InputError, check_json, check_strings, check_tensor, retyped
-from .files import read_safetensors, write_safetensors
+from .files import HASHED_FORMAT, read_safetensors, write_safetensors
 
-FORMAT_VERSION = 1
+# 2: written with the content hash (erasers/files.py), which a format-2 file must carry; 1 loads as before.
+FORMAT_VERSION = HASHED_FORMAT
 # Relative difference of base-weight norms above which the base is another model (fp16 rounding stays far below).
 FINGERPRINT_TOLERANCE = 1e-3
 

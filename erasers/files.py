@@ -10,8 +10,10 @@
   tensor's name, dtype, shape and bytes and over the other metadata, in sorted order. `read_safetensors` checks it and
   refuses a file changed since; files from other tools (no hash) load as before. It costs one pass over the tensors'
   bytes (docs/benchmarks.md has the figure for 1 GB).
-- Such a file also carries `WRITER_KEY` (the EraseKit version that wrote it). A file with any ``erasekit_`` key but no
-  hash is refused: deleting the hash must not turn a changed file into a "foreign" one that loads unchecked.
+- Such a file also carries `WRITER_KEY` (the EraseKit version that wrote it). A file with that key, or an erasure of
+  format 2 or later (the first written with the hash), but no hash is refused: deleting the hash must not turn a
+  changed file into a "foreign" one that loads unchecked. Erasures of format 1 (written before the hash) and files
+  from other tools load as before.
 - Tensors read are copies, never views of the file's memory map: a file replaced or rewritten in place after loading
   cannot change what was loaded.
 """
@@ -34,6 +36,8 @@ from .errors import FileError
 HASH_KEY = "erasekit_sha256"
 WRITER_KEY = "erasekit_writer"
 OURS = "erasekit_"  # prefix of every metadata key EraseKit writes itself
+FORMAT_KEY = "erasekit_format"  # an erasure file's format version (erasers/erasure.py)
+HASHED_FORMAT = 2  # the first erasure format written with the content hash
 SUFFIX = ".tmp"  # of the temporary file beside the target, named ".<target name>.<random>.tmp"
 
 
@@ -241,16 +245,26 @@ def verify_hash(path, metadata: Mapping[str, str], tensors: Mapping[str, torch.T
     """Raise if `metadata` carries an EraseKit content hash that `tensors` and `metadata` no longer match."""
     stored = metadata.get(HASH_KEY)
     if stored is None:
-        ours = sorted(key for key in metadata if key.startswith(OURS))
-        if ours:
-            raise FileError(file=path, key=HASH_KEY, expected="the content hash EraseKit writes beside "
-                            f"{ours[0]!r}", found="none: written by EraseKit but its content hash is missing, so "
-                            "it may have been changed", fix="write or copy it again from its source")
+        marker = _hashed_marker(metadata)
+        if marker:
+            raise FileError(file=path, key=HASH_KEY, expected=f"the content hash EraseKit writes beside {marker}",
+                            found="none: written by EraseKit but its content hash is missing, so it may have been "
+                            "changed", fix="write or copy it again from its source")
         return
     if content_hash(tensors, metadata) != stored:
         raise FileError(file=path, key=HASH_KEY, expected="the content hash EraseKit wrote",
                         found="a different content: the file was changed or damaged after it was written",
                         fix="write or copy it again from its source")
+
+
+def _hashed_marker(metadata: Mapping[str, str]) -> str | None:
+    """The metadata that says a file was written with a content hash: the writer's key, or an erasure format ≥ 2."""
+    if WRITER_KEY in metadata:
+        return repr(WRITER_KEY)
+    version = str(metadata.get(FORMAT_KEY, "")).strip()
+    if version.isdigit() and int(version) >= HASHED_FORMAT:
+        return f"{FORMAT_KEY!r} = {version}"
+    return None
 
 
 def content_hash(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:

@@ -93,12 +93,29 @@ def test_a_file_written_by_erasekit_whose_hash_was_deleted_is_refused_not_loaded
         read_safetensors(path)
 
 
-def test_any_erasekit_key_without_the_hash_is_refused(tmp_path):
+def test_an_erasure_of_the_hashed_format_without_the_hash_is_refused(tmp_path):
     from safetensors.torch import save_file
 
-    save_file(_tensors(), str(tmp_path / "e.safetensors"), metadata={"erasekit_format": "1"})
-    with pytest.raises(FileError, match="erasekit_format.*content hash is missing"):
+    save_file(_tensors(), str(tmp_path / "e.safetensors"), metadata={"erasekit_format": "2"})
+    with pytest.raises(FileError, match="erasekit_format.* = 2.*content hash is missing"):
         read_safetensors(tmp_path / "e.safetensors")
+
+
+def test_the_writer_key_without_the_hash_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(_tensors(), str(tmp_path / "e.safetensors"), metadata={"erasekit_writer": "erasekit 0.1.0"})
+    with pytest.raises(FileError, match="erasekit_writer.*content hash is missing"):
+        read_safetensors(tmp_path / "e.safetensors")
+
+
+def test_an_erasure_of_format_1_written_before_the_hash_loads_as_before(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(_tensors(), str(tmp_path / "e.safetensors"), metadata={"erasekit_format": "1", "method": "uce"})
+    metadata, tensors = read_safetensors(tmp_path / "e.safetensors")
+    assert metadata == {"erasekit_format": "1", "method": "uce"}
+    assert all(torch.equal(tensors[k], t) for k, t in _tensors().items())
 
 
 def test_no_path_at_all_is_a_file_error_not_a_type_error():

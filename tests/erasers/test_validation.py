@@ -72,6 +72,17 @@ def test_an_erasure_round_trips_with_its_shared_down_and_its_source(tmp_path):
         assert torch.equal(loaded.layers[name].materialize(), delta.materialize())
 
 
+def test_an_erasure_of_format_1_written_before_the_content_hash_still_loads(tmp_path):
+    meta, tensors = _parts(tmp_path)
+    for key in (HASH_KEY, "erasekit_writer"):
+        meta.pop(key)
+    meta["erasekit_format"] = "1"
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded = Erasure.load(tmp_path / "old.safetensors")
+    for name, delta in _erasure().layers.items():
+        assert torch.equal(loaded.layers[name].materialize(), delta.materialize())
+
+
 @pytest.mark.parametrize("key, value, found", [
     ("groups.0.down", float("nan"), "NaN or infinite"),
     (f"{K}.up", float("inf"), "NaN or infinite"),
@@ -160,7 +171,7 @@ def test_metadata_of_the_wrong_type_is_refused_by_key(tmp_path, key, value, foun
 
 
 def test_a_newer_format_asks_for_an_upgrade(tmp_path):
-    _refused(_rewrite(tmp_path, edit_meta=lambda meta: meta.__setitem__("erasekit_format", "2")), "upgrade erasekit")
+    _refused(_rewrite(tmp_path, edit_meta=lambda meta: meta.__setitem__("erasekit_format", "3")), "upgrade erasekit")
 
 
 def test_a_truncated_erasure_file_is_an_erasure_file_error(tmp_path):
