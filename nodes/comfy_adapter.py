@@ -167,10 +167,19 @@ class ComfyEncoder:
         return Encoded(embeddings, [words for _, words in batch])
 
     def _warn_cut(self, prompt: str, chunks) -> None:
-        """ComfyUI splits long prompts into 77-token chunks; only the first is an erasure key. Name the cut words."""
-        extra = sum(1 for chunk in chunks[1:] for t in chunk if not isinstance(t[0], int) or t[0] not in SPECIAL)
-        first, *rest = next(iter(self.clip.tokenize(prompt, return_word_ids=True).values()))
-        kept = {t[2] for t in first}
-        cut = sorted({t[2] for chunk in rest for t in chunk if t[2] and t[2] not in kept})
-        words = prompt.split()
-        warn_truncated(prompt, WORD_WINDOW + extra, " ".join(words[i - 1] for i in cut if 0 < i <= len(words)))
+        """ComfyUI splits long prompts into 77-token chunks; only the first is an erasure key. Name the cut words.
+
+        They are decoded from the cut chunks' token ids: ComfyUI's word ids number words in the 2024 tokenizer but
+        weight segments in 0.3.64 (every word of an unweighted prompt is 1 there), so they cannot name words."""
+        cut = [t[0] for chunk in chunks[1:] for t in chunk if not isinstance(t[0], int) or t[0] not in SPECIAL]
+        ids = [token for token in cut if isinstance(token, int)]
+        warn_truncated(prompt, WORD_WINDOW + len(cut), self._decode(ids))
+
+    def _decode(self, ids: list[int]) -> str:
+        """Text of CLIP token ids through the CLIP's own tokenizer (its first tower's), '' where it has none."""
+        tokenizer = self.clip.tokenizer
+        for name in ("clip_l", "clip_g", "clip_h", getattr(tokenizer, "clip", "")):
+            inner = getattr(getattr(tokenizer, name, None), "tokenizer", None) if name else None
+            if hasattr(inner, "decode"):
+                return inner.decode(ids).strip()
+        return ""
