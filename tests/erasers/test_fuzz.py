@@ -5,7 +5,8 @@ of every format ends in no failure.
 
 The slice (`test_a_slice_of_every_format_ends_in_typed_errors_or_equal_loads`) asserts what issue #22 accepts: no
 untyped error, no NaN/Inf accepted, no undetected change in a file EraseKit wrote. On the fuzzer's own branch (base
-66b5a21) it fails for most formats until the loaders' validation lands; its message lists replay lines.
+66b5a21) it fails for 13 of the 15 formats until the loaders' validation lands (and, for the batch manifest and
+workflow, `BatchError` becomes an `InputError`); its message lists a replay line per failed case.
 """
 from __future__ import annotations
 
