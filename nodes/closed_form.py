@@ -130,10 +130,11 @@ class SaveErasure:
         prefix = os.path.normpath(filename_prefix)
         if os.path.isabs(prefix) or prefix.startswith(".."):
             raise ValueError(f"filename_prefix {filename_prefix!r} must stay inside models/{FOLDER}")
+        # A subfolder of the prefix may be a symlink out: refused before any path behind it is even probed.
+        inside_folder(os.path.join(root, prefix), [root], filename_prefix, "filename_prefix", f"models/{FOLDER}")
         counter = 1
         while os.path.exists(path := os.path.join(root, f"{prefix}_{counter:05}.safetensors")):
             counter += 1
-        inside_folder(path, [root], filename_prefix, "filename_prefix", f"models/{FOLDER}")  # a symlinked subfolder
         erasure.save(path)
         name = os.path.relpath(path, root)
         return {"ui": {"text": [f"saved {name}: {erasure.method} erasing {', '.join(erasure.concepts)}"]}}

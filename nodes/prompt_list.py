@@ -7,7 +7,7 @@ import math
 import os
 
 from ..erasers.io.prompt_lists import MAX_SEED, PromptItem, PromptListError, parse_text, read_prompt_file, select
-from .inputs import check_count, checked_numbers, input_file, input_files, prompt_tokens
+from .inputs import between_steps, check_count, checked_numbers, input_file, input_files, prompt_tokens
 
 CATEGORY = "EraseKit"
 NO_FILE = "none (typed prompts)"
@@ -41,8 +41,6 @@ def check_work(clip, items: list[PromptItem], negative: str) -> None:
 def _encode_each(clip, texts: list[str]) -> list:
     """Each text as CLIPTextEncode encodes it (its pooled output and extras per prompt), with ComfyUI's progress bar
     and interrupt honoured between prompts."""
-    from .inputs import between_steps
-
     step = between_steps(len(texts))
     entries = []
     for done, text in enumerate(texts, 1):
@@ -150,8 +148,6 @@ class PromptList:
             return True
         try:
             input_file(file, "file", SUFFIXES)
-        except PromptListError as err:
-            return str(err)
         except ValueError as err:
             return str(err)
         return True

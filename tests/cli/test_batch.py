@@ -114,16 +114,19 @@ def _build(clip, **overrides):
         return erasekit.NODE_CLASS_MAPPINGS[NODE]().build(clip, **{**inputs, **overrides})
 
 
-def test_the_node_batches_what_cliptextencode_makes_per_prompt(clip, tmp_path):
+def test_the_node_batches_what_cliptextencode_makes_per_prompt(clip, tmp_path, monkeypatch):
     import comfy.sample
+    import folder_paths
 
     import nodes
+
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path))  # the node reads its input folder only
 
     long = " ".join(["a red circle on a striped background"] * 12)  # over 77 tokens: two chunks
     prompts = ["a red circle", long, "a blue square"]
     path = _write(tmp_path / "list.csv", "prompt,evaluation_seed\n" + "".join(f'"{p}",{s}\n'
                                                                           for p, s in zip(prompts, ("", 42, ""))))
-    positive, negative, latent, noise, texts = _build(clip, file=str(path), start=1)
+    positive, negative, latent, noise, texts = _build(clip, file=path.name, start=1)
     with torch.inference_mode():
         alone = [nodes.CLIPTextEncode().encode(clip, p)[0][0] for p in prompts[1:]]
         (neg,) = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
@@ -147,17 +150,20 @@ def test_the_node_batches_what_cliptextencode_makes_per_prompt(clip, tmp_path):
         assert torch.equal(drawn[row:row + 1], comfy.sample.prepare_noise(latent["samples"][:1], seed))
 
 
-def test_the_node_reads_typed_prompts_and_says_what_is_wrong(clip, tmp_path):
+def test_the_node_reads_typed_prompts_and_says_what_is_wrong(clip, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "input_directory", str(tmp_path))  # the node reads its input folder only
     positive, _, latent, noise, texts = _build(clip, prompts="a red circle\n\na blue square\n", count=1)
     assert texts == ["a red circle"] and positive[0][0].shape[0] == 1 and noise.seeds == [5]
     node = erasekit.NODE_CLASS_MAPPINGS[NODE]
     assert node.OUTPUT_IS_LIST == (False, False, False, False, True)
     with pytest.raises(PromptListError, match="not both"):
-        _build(clip, prompts="x", file=str(tmp_path / "list.csv"))
+        _build(clip, prompts="x", file="list.csv")
     with pytest.raises(PromptListError, match="no prompts: type one per line"):
         _build(clip)
     with pytest.raises(PromptListError, match="has no 'prompt' column"):
-        _build(clip, file=str(_write(tmp_path / "bad.csv", "text\nx\n")))
+        _build(clip, file=_write(tmp_path / "bad.csv", "text\nx\n").name)
     with pytest.raises(ValueError, match="noise has 1 seeds but the latent a batch of 2"):
         noise.generate_noise({"samples": torch.zeros(2, 4, 8, 8)})
 

@@ -126,6 +126,25 @@ def test_model_file_inputs_resolve_inside_their_folder_only(loaded, erasure_file
         node.load(loaded[0], "missing.safetensors", 1.0)
 
 
+def test_save_erasure_refuses_a_prefix_through_a_symlinked_subfolder(loaded, erasure_file, tmp_path, monkeypatch):
+    import folder_paths
+
+    from erasekit.erasers.erasure import Erasure
+
+    folder, elsewhere = tmp_path / "erasers", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "out").symlink_to(elsewhere)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "erasers", ([str(folder)], {".safetensors"}))
+    erasure = Erasure.load(erasure_file)
+    with pytest.raises(FileError, match=r"'filename_prefix': expected a file inside models/erasers, found "
+                                        r"'out/x' resolves outside it"):
+        NODES["EraseKitSaveErasure"]().save(erasure, "out/x")
+    assert list(elsewhere.iterdir()) == []
+    saved = NODES["EraseKitSaveErasure"]().save(erasure, "in/x")
+    assert saved["ui"]["text"][0].startswith("saved in/x_00001.safetensors")
+
+
 def test_a_model_folder_that_is_itself_a_symlink_still_works(loaded, erasure_file, tmp_path, monkeypatch):
     """Users link whole model folders from a larger disk: the folder's real path is the bound, not its name."""
     import folder_paths
