@@ -87,10 +87,17 @@ def cross_attention_layers(shapes: Mapping[str, Sequence[int]],
         if not match:
             continue
         name = match.group(1)
+        if len(shape) != 2:
+            raise FamilyError(f"{key!r} has shape {list(shape)}; a cross-attention key projection is a matrix "
+                              "(2 dimensions): the model file is damaged or not an SD-style UNet")
         if not name.startswith(("down_blocks", "mid_block", "up_blocks")):
             if layout is None:
                 raise ValueError("LDM-named UNet keys need a UNetLayout to be named in diffusers terms")
-            name = layout.to_diffusers(name)
+            try:
+                name = layout.to_diffusers(name)
+            except KeyError:
+                raise FamilyError(f"{key!r} is not a cross-attention block of the UNet its other layers describe: "
+                                  "the model file is damaged or of an unknown architecture") from None
         layers.append(CrossAttention(name, int(shape[0]), int(shape[1])))
     return sorted(layers, key=lambda layer: _natural_key(layer.name))
 

@@ -91,14 +91,55 @@ def _read_folder(folder: Path):
         inside = sorted(p.name for p in folder.iterdir() if (p / "config.json").is_file())
         hint = f"; its subfolders {', '.join(inside)} are" if inside else ""
         raise TextEncoderError(f"{folder} has no config.json, so it is not a transformers CLIPTextModel folder{hint}")
+    _check_config(folder / "config.json")
     try:
         config = CLIPTextConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        raise TextEncoderError(f"{folder / 'config.json'} is not a readable CLIPTextConfig ({err})") from err
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as err:
+        raise TextEncoderError(f"{folder / 'config.json'} is not a readable CLIPTextConfig ({err})") from None
     state = read_component(folder)
     if not any(k.startswith(("text_model.", _TRAINING_PREFIX)) for k in state):
         state = as_file_names(state)  # a CLIPTextModel folder that transformers 5's save_pretrained wrote
     return state, config
+
+
+# The sizes a CLIPTextConfig builds the model from: whole numbers ≥ 1 where the file gives them.
+_CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                 "num_attention_heads", "max_position_embeddings")
+
+
+def _check_config(path: Path) -> None:
+    """config.json as a JSON object whose sizes are whole numbers ≥ 1, activation a name, and every number finite:
+    transformers builds a model from whatever it holds and fails deep inside (or reads NaN as a layer-norm ε)."""
+    import json
+    import math
+
+    def finite(value) -> bool:
+        if isinstance(value, float):
+            return math.isfinite(value)
+        if isinstance(value, dict):
+            return all(finite(v) for v in value.values())
+        if isinstance(value, list):
+            return all(finite(v) for v in value)
+        return True
+
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise TextEncoderError(f"{path} is not readable JSON ({err}): copy or download the folder again") from None
+    if not isinstance(config, dict):
+        raise TextEncoderError(file=path, expected="a JSON object of CLIPTextConfig fields",
+                               found=type(config).__name__, fix="copy or download the folder again")
+    for key in _CONFIG_SIZES:
+        value = config.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TextEncoderError(file=path, key=key, expected="a whole number ≥ 1", found=repr(value)[:40],
+                                   fix="copy or download the folder again")
+    if not isinstance(config.get("hidden_act", "gelu"), str):
+        raise TextEncoderError(file=path, key="hidden_act", expected="an activation name",
+                               found=repr(config.get("hidden_act"))[:40])
+    if not finite(config):
+        raise TextEncoderError(file=path, expected="finite numbers", found="NaN or Infinity",
+                               fix="copy or download the folder again")
 
 
 def _clip_text_tower(state: Mapping[str, Tensor], name: str, expected: int) -> dict[str, Tensor]:

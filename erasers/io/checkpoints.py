@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import FileError
+from ..errors import FileError, retyped
 from ..families import FamilyError, UNetLayout
-from ..files import write_stream
+from ..files import verify_hash, write_stream
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -113,13 +113,20 @@ def _checked_path(path: str | os.PathLike) -> Path:
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        tensors = load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
     except SafetensorError as exc:
         raise _incomplete_safetensors(path, exc) from exc
+    try:
+        verify_hash(path, metadata, tensors)  # a file EraseKit wrote (a saved text encoder), read as a checkpoint
+    except FileError as err:
+        raise retyped(err, CheckpointError) from None
+    return tensors
 
 
 def _incomplete_safetensors(path: Path, exc: Exception) -> CheckpointError:
@@ -134,8 +141,9 @@ def _read_pickle(path: Path, mmap: bool = False) -> dict[str, Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise _unsafe_pickle(path, exc) from exc
-    except (RuntimeError, EOFError, OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        # torch reports a truncated zip archive as RuntimeError and garbage as KeyError or EOFError.
+    except Exception as exc:  # noqa: BLE001
+        # Damaged bytes reach torch's unpickler and zip reader, which raise whatever the garbage trips over
+        # (RuntimeError, EOFError, KeyError, IndexError, TypeError, struct.error, ...): all mean "not readable".
         raise CheckpointError(
             f"{path.name} is not a readable PyTorch checkpoint ({_first_line(exc)}). It may be truncated or "
             f"damaged: download or copy {path} again"

@@ -173,7 +173,15 @@ class SingleFile(ModelFiles):
 
     def unet_weights(self, pattern: re.Pattern) -> dict[str, Tensor]:
         tensors = self._read(lambda k: k.startswith(UNET_PREFIX) and bool(pattern.search(k)))
-        return {self.layout.to_diffusers(k[len(UNET_PREFIX):]): v for k, v in sorted(tensors.items())}
+        renamed = {}
+        for key, value in sorted(tensors.items()):
+            try:
+                renamed[self.layout.to_diffusers(key[len(UNET_PREFIX):])] = value
+            except KeyError:
+                raise CheckpointError(f"{self.path.name}: {key!r} is not a cross-attention block of the UNet its "
+                                      "other layers describe; the checkpoint is damaged or an unknown "
+                                      "architecture: download or copy it again") from None
+        return renamed
 
     def encoder(self, tokenizer_dir=None, device="cpu", cache_dir=None):
         text = self._read(lambda k: k.startswith(_TEXT_PREFIXES))

@@ -193,6 +193,10 @@ def clip_text_config(state_dict: Mapping[str, Tensor], hidden_act: str, heads: i
         fc1 = state_dict["text_model.encoder.layers.0.mlp.fc1.weight"]
     except KeyError as err:
         raise TextEncoderError(f"the text encoder has no {err.args[0]}: is it a complete CLIP text model?") from None
+    for key, tensor in (("token_embedding", tokens), ("position_embedding", positions), ("layers.0.mlp.fc1", fc1)):
+        if tensor.ndim != 2:
+            raise TextEncoderError(f"the text encoder's {key} weight has shape {list(tensor.shape)}, not a matrix: "
+                                   "the file is damaged or not a CLIP text model")
     width = int(tokens.shape[1])
     projection = state_dict.get("text_projection.weight")
     return CLIPTextConfig(
@@ -226,8 +230,12 @@ def build_clip_text_model(state_dict: Mapping[str, Tensor], config=None, *, hidd
     config = config if config is not None else clip_text_config(state, hidden_act)
     with_projection = "text_projection.weight" in state
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    with torch.device("meta"):
-        model = cls(config)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as err:  # a config of the wrong types
+        raise TextEncoderError(f"the text encoder's configuration cannot build a {cls.__name__} ({str(err)[:200]})") \
+            from None
     state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
     try:
         missing, unexpected = load_file_state_dict(model, state, strict=False, assign=True)
