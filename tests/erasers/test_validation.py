@@ -528,6 +528,60 @@ def test_save_text_model_writes_a_hashed_file_that_loads_back(tmp_path):
     assert all(torch.equal(tensors[k], v) for k, v in state.items())
 
 
+def _saved_folder(tmp_path):
+    from erasekit.erasers.io.clip_names import save_text_model
+
+    model, _ = _clip_state()
+    return save_text_model(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("config, match", [
+    ("[1, 2]", "JSON object.*found list"),
+    ('{"hidden_size": "64"}', "'hidden_size'.*whole number.*'64'"),
+    ('{"num_hidden_layers": 0}', "'num_hidden_layers'.*whole number"),
+    ('{"hidden_act": 3}', "'hidden_act'.*activation"),
+    ('{"layer_norm_eps": NaN}', "finite numbers.*NaN"),
+    ('{"hidden_size": 64', "not readable JSON"),
+])
+def test_an_advunlearn_folder_whose_config_is_not_a_clip_config_is_refused_naming_it(tmp_path, config, match):
+    from erasekit.erasers.advunlearn.encoder import load_advunlearn
+    from erasekit.erasers.io.text_encoders import TextEncoderError
+
+    folder = _saved_folder(tmp_path)
+    merged = json.loads((folder / "config.json").read_text())
+    try:
+        merged.update(json.loads(config))
+        text = json.dumps(merged)
+    except (ValueError, TypeError, AttributeError):
+        text = config  # not an object, or not JSON at all: written as it is
+    (folder / "config.json").write_text(text)
+    with pytest.raises(TextEncoderError, match=match):
+        load_advunlearn(folder)
+
+
+def test_a_changed_byte_in_a_saved_text_encoders_weights_is_refused_by_its_hash(tmp_path):
+    from erasekit.erasers.advunlearn.encoder import load_advunlearn
+    from erasekit.erasers.io.text_encoders import TextEncoderError
+
+    folder = _saved_folder(tmp_path)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-5] ^= 0x01
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(TextEncoderError, match="model.safetensors.*changed or damaged"):
+        load_advunlearn(folder)
+
+
+def test_a_token_embedding_that_is_not_a_matrix_is_a_text_encoder_error(tmp_path):
+    from erasekit.erasers.advunlearn.encoder import load_advunlearn
+    from erasekit.erasers.io.text_encoders import TextEncoderError
+
+    _, state = _clip_state()
+    state["text_model.embeddings.position_embedding.weight"] = torch.zeros(77)
+    save_file(state, str(tmp_path / "encoder.safetensors"))
+    with pytest.raises(TextEncoderError, match="position_embedding weight has shape \\[77\\]"):
+        load_advunlearn(tmp_path / "encoder.safetensors")
+
+
 # --- checkpoints ---------------------------------------------------------------------------------------------------
 
 
@@ -575,3 +629,34 @@ def test_every_new_error_belongs_to_the_one_family():
 
     for kind in (ErasureFileError, ErasureMisfitError, MembraneFileError, LocationTokensFileError):
         assert issubclass(kind, InputError) and issubclass(kind, ValueError)
+
+
+def test_a_pickle_whose_bytes_trip_torch_is_a_checkpoint_error_not_its_exception(tmp_path):
+    import io
+    import zipfile
+
+    from erasekit.erasers.io.checkpoints import CheckpointError, read_checkpoint
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buffer)
+    damaged = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(damaged, "w") as out:
+        for item in source.infolist():
+            data = source.read(item)
+            # a BINPUT memo index far past the memo: torch's unpickler raises an IndexError or a KeyError
+            out.writestr(item, data.replace(b"q\x00", b"h\xff") if item.filename.endswith("data.pkl") else data)
+    (tmp_path / "bad.pt").write_bytes(damaged.getvalue())
+    with pytest.raises(CheckpointError, match="bad.pt is not a readable PyTorch checkpoint"):
+        read_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_unet_key_outside_the_layout_its_other_keys_describe_is_a_named_error(tmp_path, tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    from erasekit.erasers.io.model_files import open_model
+    state = load_file(str(tiny_checkpoint))
+    key = next(k for k in state if ".input_blocks." in k and k.endswith("attn2.to_k.weight"))
+    state[key.replace(".input_blocks.1.", ".input_blocks.77.")] = state.pop(key)
+    save_file(state, str(tmp_path / "odd.safetensors"))
+    with pytest.raises(InputError, match="input_blocks.77.*not a cross-attention block"):
+        open_model(tmp_path / "odd.safetensors").kv_weights()
