@@ -45,11 +45,11 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def _python(code: str, *, user: str | None = None, cwd: Path | None = None, umask: int | None = None):
+def _python(code: str, *, user: str | None = None, cwd: Path | None = None):
     """Run `code` in a fresh interpreter that imports this erasekit (as `user`, where given)."""
     env = {"PYTHONPATH": PACKAGE_PARENT, "PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1",
            "HOME": str(cwd or tempfile.gettempdir())}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, user=user, cwd=cwd, umask=-1 if umask is None else umask,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, user=user, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
