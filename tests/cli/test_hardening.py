@@ -180,8 +180,9 @@ def test_convert_refuses_an_out_that_is_its_base_before_reading_anything(capsys,
     (["batch", "--prompts", "p", "--out", "o", "--backend", "diffusers", "--steps", "2.5"], "--steps",
      "an integer, found '2.5'"),
     (["train-spm", "--target", "a", "--out", "o.safetensors", "--lr=-1e-4"], "--lr", "(0, 1]"),
-    (["train-geom", "--out", "o", "--caption-dropout", "1.5"], "--caption-dropout", "[0, 1]"),
-    (["bench", "spm", "--latent", "100000"], "--latent", "[1, 512]"),
+    (["train-geom", "--out", "o", "--alpha", "nan"], "--alpha", "a finite number ≤ 1000, found 'nan'"),
+    (["train-geom", "--out", "o", "--caption-dropout", "1.5", "--alpha", "0"], "--caption-dropout", "[0, 1]"),
+    (["bench", "spm", "--membranes", "nan"], "--membranes", "a finite number in [0, 1000], found 'nan'"),
 ])
 def test_numeric_options_refuse_nan_infinity_and_out_of_range_naming_the_option(capsys, argv, option, expected):
     code, _, err = _run(capsys, *argv)
