@@ -51,15 +51,24 @@ def number(low: float | None = None, high: float | None = None, *, integer: bool
                 value = int(text)  # exact, where float() would round a large seed
             except ValueError:
                 pass
+        if isinstance(value, int) and _within(value, low, high, low_inclusive):
+            return value  # compared exactly: as a float, 2**64 - 1 would be 2**64, above the top seed
         try:
             checked = check_number("option", value, low=low, high=high, low_inclusive=low_inclusive,
                                    integer=integer)
         except NumberError as err:
             raise NumberOptionError(f"expected {err.expected}, found {err.found}") from None
-        return value if isinstance(value, int) else checked
+        if isinstance(value, int):  # out of range exactly, though not as a float
+            raise NumberOptionError(f"expected a number in [{low}, {high}], found {value}")
+        return checked
 
     parse.__name__ = "integer" if integer else "number"  # argparse names the type in its own messages
     return parse
+
+
+def _within(value: int, low, high, low_inclusive: bool) -> bool:
+    above_low = low is None or value > low or (low_inclusive and value == low)
+    return above_low and (high is None or value <= high)
 
 
 def refuse_outputs(outputs: Iterable[str | os.PathLike | None], inputs: Iterable[str | os.PathLike | None], *,

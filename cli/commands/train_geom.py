@@ -84,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
         return error(err)
 
 
+def _data_files(folder: str | None) -> list[Path]:
+    """What --data holds that training reads: its metadata and images. A .safetensors file there is no training data
+    (tokens an earlier run wrote beside them), so writing over it loses nothing of the input."""
+    if folder is None or not Path(folder).is_dir():
+        return [] if folder is None else [Path(folder)]
+    return [path for path in Path(folder).rglob("*") if path.is_file() and path.suffix.lower() != ".safetensors"]
+
+
 def _train(args: argparse.Namespace) -> int:
     """Train, save and report; a bad option, model folder, data folder or box raises OSError or ValueError."""
     import torch
@@ -98,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
                              **{**defaults, **{k: v for k, v in given.items() if v is not None}})
     written = [args.out] if setting == "model" else [args.out, Path(args.out) / "unet",
                                                       tokens_file(args.out, args.concept)]
-    refuse_outputs(written, [model_folder(args.model), args.data])
+    refuse_outputs(written, [model_folder(args.model), *_data_files(args.data)])
     pipe, _ = load_pipeline(args.model, kinds=("shapes",), user="train-geom (pixel-space models)")
     # In the data setting every caption is trained on and its words are dropped per step, so the shapes world's
     # captions come whole; the model setting keeps its earlier data.

@@ -45,11 +45,11 @@ def _run(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def _python(code: str, *, user: str | None = None, cwd: Path | None = None, umask: int | None = None):
+def _python(code: str, *, user: str | None = None, cwd: Path | None = None):
     """Run `code` in a fresh interpreter that imports this erasekit (as `user`, where given)."""
     env = {"PYTHONPATH": PACKAGE_PARENT, "PATH": os.environ.get("PATH", ""), "OMP_NUM_THREADS": "1",
            "HOME": str(cwd or tempfile.gettempdir())}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, user=user, cwd=cwd, umask=umask,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, user=user, cwd=cwd,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -179,9 +179,10 @@ def test_convert_refuses_an_out_that_is_its_base_before_reading_anything(capsys,
     (["batch", "--prompts", "p", "--out", "o", "--seed", "-1"], "--seed", "[0, 1.84467e+19]"),
     (["batch", "--prompts", "p", "--out", "o", "--backend", "diffusers", "--steps", "2.5"], "--steps",
      "an integer, found '2.5'"),
-    (["train-spm", "--target", "a", "--out", "o.safetensors", "--lr", "-1e-4"], "--lr", "(0, 1]"),
-    (["train-geom", "--out", "o", "--caption-dropout", "1.5"], "--caption-dropout", "[0, 1]"),
-    (["bench", "spm", "--latent", "100000"], "--latent", "[1, 512]"),
+    (["train-spm", "--target", "a", "--out", "o.safetensors", "--lr=-1e-4"], "--lr", "(0, 1]"),
+    (["train-geom", "--out", "o", "--alpha", "nan"], "--alpha", "a finite number ≤ 1000, found 'nan'"),
+    (["train-geom", "--out", "o", "--caption-dropout", "1.5", "--alpha", "0"], "--caption-dropout", "[0, 1]"),
+    (["bench", "spm", "--membranes", "nan"], "--membranes", "a finite number in [0, 1000], found 'nan'"),
 ])
 def test_numeric_options_refuse_nan_infinity_and_out_of_range_naming_the_option(capsys, argv, option, expected):
     code, _, err = _run(capsys, *argv)
@@ -468,9 +469,9 @@ def test_a_folder_holding_only_a_stale_lock_is_still_a_batch_folder(tmp_path):
 
 
 def test_all_dead_servers_are_an_error_naming_each(capsys, tmp_path):
-    from erasekit.cli.comfy_server import _free_port
+    from test_batch import _workflow  # tests/cli is on sys.path
 
-    from test_batch import _workflow  # noqa: I001 (tests/cli is on sys.path)
+    from erasekit.cli.comfy_server import _free_port
 
     workflow = _file(tmp_path / "wf.json", json.dumps(_workflow()).encode())
     prompts = _file(tmp_path / "p.txt", b"a\n")
@@ -483,9 +484,9 @@ def test_all_dead_servers_are_an_error_naming_each(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_one_dead_server_of_two_is_a_warning_and_the_run_goes_on(comfy_server, tiny_checkpoint, tmp_path, capsys):
-    from erasekit.cli.comfy_server import _free_port
+    from test_batch import _manifest, _workflow
 
-    from test_batch import _manifest, _workflow  # noqa: I001
+    from erasekit.cli.comfy_server import _free_port
 
     dead = f"http://127.0.0.1:{_free_port()}"
     workflow = _file(tmp_path / "wf.json", json.dumps(_workflow(tiny_checkpoint.name, erase=False)).encode())
