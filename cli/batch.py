@@ -109,9 +109,9 @@ class Manifest:
         self.done: dict[int, dict] = {}
         listed = {item.index: item for item in items}
         if self.path.exists():
-            for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-                try:
-                    record = json.loads(line)
+            for number, raw in enumerate(self.path.read_bytes().splitlines(), 1):
+                try:  # a damaged line is an item not done: it is generated again
+                    record = finite_json(raw.decode("utf-8"))
                     index, files = record["index"], record["files"]
                 except (ValueError, KeyError, TypeError):
                     continue
@@ -253,6 +253,21 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+
+def finite_json(text: str):
+    """JSON as Python's json reads it, except that NaN, Infinity and numbers beyond float's range (1e999) are a
+    ValueError: ComfyUI would take them as a cfg or strength and draw black images."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not a finite number")
+
+    def number(literal: str) -> float:
+        value = float(literal)
+        if value in (float("inf"), float("-inf")):
+            refuse(literal)
+        return value
+
+    return json.loads(text, parse_constant=refuse, parse_float=number)
+
 class Workflow:
     """An API-format workflow and the inputs each prompt list item changes (rules: module docstring)."""
 
@@ -281,11 +296,13 @@ class Workflow:
     def load(cls, path: str | Path) -> "Workflow":
         path = Path(path)
         try:
-            prompt = json.loads(path.read_text(encoding="utf-8"))
+            prompt = finite_json(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise BatchError(f"no workflow file {path}") from None
-        except ValueError as err:
-            raise BatchError(f"{path} is not JSON ({err})") from None
+        except OSError as err:
+            raise BatchError(f"workflow file {path} cannot be read ({err.strerror or err})") from None
+        except ValueError as err:  # UnicodeDecodeError included
+            raise BatchError(f"{path} is not a UTF-8 JSON workflow ({str(err)[:200]})") from None
         return cls(prompt, str(path))
 
     def _text_nodes(self) -> list[str]:

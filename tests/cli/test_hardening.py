@@ -497,3 +497,31 @@ def test_one_dead_server_of_two_is_a_warning_and_the_run_goes_on(comfy_server, t
     assert f"warning: cannot reach ComfyUI at {dead}" in err and "going on with the 1 server(s) that answer" in err
     assert "2/2 prompts done" in out
     assert {r["server"] for r in _manifest(tmp_path / "out")} == {comfy_server.client.url}
+
+
+@pytest.mark.parametrize("text", ['{"3": {"inputs": {"cfg": NaN}}}', '{"3": {"inputs": {"cfg": -Infinity}}}',
+                                  '{"3": {"inputs": {"cfg": 1e999}}}'])
+def test_a_workflow_holding_nan_or_infinity_is_a_batch_error_naming_it(tmp_path, text):
+    from erasekit.cli.batch import BatchError, Workflow
+
+    path = _file(tmp_path / "wf.json", text.encode())
+    with pytest.raises(BatchError, match="wf.json is not a UTF-8 JSON workflow.*not a finite number"):
+        Workflow.load(path)
+
+
+def test_a_workflow_that_is_not_utf8_is_a_batch_error_naming_it(tmp_path):
+    from erasekit.cli.batch import BatchError, Workflow
+
+    path = _file(tmp_path / "wf.json", b'{"3": {"inputs": {"text": "\xff"}}}')
+    with pytest.raises(BatchError, match="wf.json is not a UTF-8 JSON workflow"):
+        Workflow.load(path)
+
+
+def test_finite_json_reads_what_json_reads_except_non_finite_numbers():
+    from erasekit.cli.batch import finite_json
+
+    text = '{"a": [1, 2.5, -3e10, "NaN"], "b": {"c": null, "d": true}}'
+    assert finite_json(text) == json.loads(text)
+    for bad in ("NaN", "Infinity", "-Infinity", "[1e309]"):
+        with pytest.raises(ValueError, match="not a finite number"):
+            finite_json(bad)
