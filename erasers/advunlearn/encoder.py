@@ -158,6 +158,10 @@ def _clip_text_tower(state: Mapping[str, Tensor], name: str, expected: int) -> d
         raise TextEncoderError(f"{name} holds no CLIP text encoder (no {TOKEN_EMBEDDING} under the known namings: "
                                f"text_model.*, {CLIP_L_SD1}text_model.*, {_TRAINING_PREFIX}text_model.*); key "
                                f"prefixes found: {_key_prefixes(state)}")
+    if tower[TOKEN_EMBEDDING].ndim != 2:
+        raise TextEncoderError(file=name, key=TOKEN_EMBEDDING, expected="a matrix (vocabulary × width)",
+                               found=f"shape {list(tower[TOKEN_EMBEDDING].shape)}",
+                               fix="the file is damaged or not a text encoder: copy or download it again")
     width = int(tower[TOKEN_EMBEDDING].shape[1])
     if width != expected:
         raise not_sd1(name, {_tower_of_width(width): width})

@@ -571,7 +571,18 @@ def test_a_changed_byte_in_a_saved_text_encoders_weights_is_refused_by_its_hash(
         load_advunlearn(folder)
 
 
-def test_a_token_embedding_that_is_not_a_matrix_is_a_text_encoder_error(tmp_path):
+def test_a_token_embedding_that_is_not_a_matrix_is_a_text_encoder_error_naming_it(tmp_path):
+    from erasekit.erasers.advunlearn.encoder import load_advunlearn
+    from erasekit.erasers.io.text_encoders import TextEncoderError
+
+    _, state = _clip_state()
+    state[EMBEDDING] = state[EMBEDDING].reshape(-1)
+    save_file(state, str(tmp_path / "encoder.safetensors"))
+    with pytest.raises(TextEncoderError, match=rf"encoder\.safetensors.*{EMBEDDING}.*matrix"):
+        load_advunlearn(tmp_path / "encoder.safetensors")
+
+
+def test_a_position_embedding_that_is_not_a_matrix_is_a_text_encoder_error(tmp_path):
     from erasekit.erasers.advunlearn.encoder import load_advunlearn
     from erasekit.erasers.io.text_encoders import TextEncoderError
 
