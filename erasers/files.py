@@ -175,7 +175,9 @@ def _umask() -> int:
     return mask
 
 
-def _write_with(path: Path, write, inputs: Iterable) -> Path:
+def _write_with(path: Path, write, inputs: Iterable, *, to_path: bool = False) -> Path:
+    """`write(out)` into a temporary file beside `path`, renamed over it; with `to_path`, `write(name)` gets the
+    temporary file's name instead (a writer that opens the file itself)."""
     refuse_inputs(path, inputs)
     _writable_folder(path.parent)
     remove_stale_partials(path)
@@ -184,8 +186,12 @@ def _write_with(path: Path, write, inputs: Iterable) -> Path:
     except OSError as err:
         raise FileError(f"cannot write {path} ({err.strerror or err})") from None
     try:
-        with os.fdopen(fd, "wb") as out:
-            write(out)
+        if to_path:
+            os.close(fd)
+            write(partial)
+        else:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
         os.chmod(partial, new_file_mode())
         os.replace(partial, path)
     except OSError as err:
@@ -201,14 +207,22 @@ def _write_with(path: Path, write, inputs: Iterable) -> Path:
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                       *, inputs: Iterable = ()) -> Path:
     """Save `tensors` with `metadata` and its content hash, atomically, with the umask's mode."""
-    from safetensors.torch import save
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in tensors.items()}
     metadata = {k: v for k, v in metadata.items() if k != HASH_KEY}
     metadata[WRITER_KEY] = _writer()
     metadata[HASH_KEY] = content_hash(tensors, metadata)
-    data = save(tensors, metadata=metadata)
-    return _write_with(Path(path), lambda out: out.write(data), inputs)
+
+    def write(name: str) -> None:
+        # safetensors writes the file itself: no second copy of the tensors as bytes in memory.
+        try:
+            save_file(tensors, name, metadata=metadata)
+        except SafetensorError as err:  # its I/O errors (a full disk) come as this type
+            raise OSError(str(err)) from None
+
+    return _write_with(Path(path), write, inputs, to_path=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
