@@ -302,7 +302,7 @@ class Workflow:
         except OSError as err:
             raise BatchError(f"workflow file {path} cannot be read ({err.strerror or err})") from None
         except ValueError as err:  # UnicodeDecodeError included
-            raise BatchError(f"{path} is not a UTF-8 JSON workflow ({str(err)[:200]})") from None
+            raise BatchError(f"{path} is not JSON in UTF-8 ({str(err)[:200]})") from None
         return cls(prompt, str(path))
 
     def _text_nodes(self) -> list[str]:

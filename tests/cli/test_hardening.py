@@ -505,7 +505,7 @@ def test_a_workflow_holding_nan_or_infinity_is_a_batch_error_naming_it(tmp_path,
     from erasekit.cli.batch import BatchError, Workflow
 
     path = _file(tmp_path / "wf.json", text.encode())
-    with pytest.raises(BatchError, match="wf.json is not a UTF-8 JSON workflow.*not a finite number"):
+    with pytest.raises(BatchError, match="wf.json is not JSON in UTF-8.*not a finite number"):
         Workflow.load(path)
 
 
@@ -513,7 +513,7 @@ def test_a_workflow_that_is_not_utf8_is_a_batch_error_naming_it(tmp_path):
     from erasekit.cli.batch import BatchError, Workflow
 
     path = _file(tmp_path / "wf.json", b'{"3": {"inputs": {"text": "\xff"}}}')
-    with pytest.raises(BatchError, match="wf.json is not a UTF-8 JSON workflow"):
+    with pytest.raises(BatchError, match="wf.json is not JSON in UTF-8"):
         Workflow.load(path)
 
 
