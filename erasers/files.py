@@ -160,13 +160,17 @@ def write_folder(path: str | os.PathLike, fill: Callable[[Path], object], *, inp
             path.rmdir()  # the empty folder the user made for it
         os.rename(staging, path)
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise FileError(f"no space left to write {path}: free some space or choose another output path") from None
-        raise FileError(f"cannot write {path} ({err.strerror or err})") from None
+        raise _write_error(path, err) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _write_error(path: Path, err: OSError) -> FileError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FileError(f"no space left to write {path}: free some space or choose another output path")
+    return FileError(f"cannot write {path} ({err.strerror or err})")
 
 
 def _umask() -> int:
@@ -195,9 +199,7 @@ def _write_with(path: Path, write, inputs: Iterable, *, to_path: bool = False) -
         os.chmod(partial, new_file_mode())
         os.replace(partial, path)
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise FileError(f"no space left to write {path}: free some space or choose another output path") from None
-        raise FileError(f"cannot write {path} ({err.strerror or err})") from None
+        raise _write_error(path, err) from None
     finally:
         if os.path.exists(partial):
             os.unlink(partial)

@@ -49,6 +49,17 @@ def comfy():
     return comfy
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of many small tensor operations (faster than two on shared cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny SD1.5-shaped single-file checkpoint with seeded random weights that real ComfyUI loads."""

@@ -31,13 +31,8 @@ SLICE = 100  # mutated files per format in the CI slice
 SLICE_SEED = 22
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: with the cores shared, one thread is faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors and many small operations: with the cores shared, one thread is faster than two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

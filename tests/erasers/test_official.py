@@ -25,13 +25,8 @@ TOL = off.DEFAULT_TOL
 UNET_CONFIG = {**tm.TINY_SD15_UNET_CONFIG, "block_out_channels": (64, 128)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small tensor operations: with the cores shared, one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors and many small operations: with the cores shared, one thread is faster than two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def is_kv(key: str) -> bool:
