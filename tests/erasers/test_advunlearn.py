@@ -4,6 +4,7 @@ loaded from the same released folder; the errors for what is not an SD1.x CLIP-L
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -362,7 +363,8 @@ def test_released_folder_in_a_server(comfy_server, tiny_checkpoint, released):
     same weights; strength 0 gives the checkpoint's own."""
     clip_dir = comfy_server.models_dir / "clip"
     clip_dir.mkdir(exist_ok=True)
-    (clip_dir / released.name).symlink_to(released, target_is_directory=True)
+    # A copy: a model file linked from outside ComfyUI's folders is refused (issue #22, confinement).
+    shutil.copytree(released, clip_dir / released.name, dirs_exist_ok=True)
     weights = torch.load(released / "pytorch_model.bin", weights_only=True)
     save_file({k: v for k, v in weights.items() if k != POSITION_IDS}, clip_dir / "advunlearn-hf.safetensors")
     node = {"class_type": NODE, "inputs": {"clip": ["1", 1], "encoder_name": f"{released.name}/pytorch_model.bin"}}
