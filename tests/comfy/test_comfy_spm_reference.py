@@ -118,7 +118,10 @@ def expected(comfy, loaded, files):
     erased_contexts = _encode(clip, erased).double()
     negative = _encode(clip, [NEGATIVE]).double()
     sampling = model.model.model_sampling
-    sigmas = comfy.samplers.calculate_sigmas_scheduler(model.model, "normal", STEPS)
+    if hasattr(comfy.samplers, "calculate_sigmas_scheduler"):  # the 2024 ComfyUI
+        sigmas = comfy.samplers.calculate_sigmas_scheduler(model.model, "normal", STEPS)
+    else:  # 0.3.64
+        sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", STEPS)
     timesteps = [float(sampling.timestep(sigma)) for sigma in sigmas[:-1]]
     start = _noise().double() * (1 + float(sigmas[0]) ** 2) ** 0.5  # ComfyUI's max_denoise from σ_max
 
