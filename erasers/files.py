@@ -232,8 +232,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
 
 def _writer() -> str:
-    # Imported here: the package's __init__ imports the nodes, which import this module.
-    from .. import __version__
+    from . import __version__  # here: erasers/__init__ is still being imported when this module is
 
     return f"erasekit {__version__}"
 
